@@ -1,0 +1,178 @@
+"""Architecture registry: how to build each teacher, its input contract, and where its weights live."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import DFQFError
+from .cifar_resnet import CifarResNet
+from .tiny import TinyNet
+
+CIFAR_MEAN = (0.485, 0.456, 0.406)  # the public CIFAR ResNet teachers were trained with ImageNet stats
+CIFAR_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = CIFAR_MEAN, CIFAR_STD
+AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """Everything the toolchain needs to know about an architecture besides its weights."""
+
+    name: str
+    build: Callable[[int], nn.Module]  # num_classes -> model with random weights
+    dataset: str  # default evaluation data set: cifar10 | imagenet | synthetic
+    num_classes: int
+    input_size: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights_file: str | None = None  # default weights, relative to $DFQF_DATA_DIR
+    weights_url: str | None = None  # public download for users with internet
+
+
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _cifar(depth: int) -> Callable[[int], nn.Module]:
+    return lambda num_classes: CifarResNet(depth, num_classes)
+
+
+ARCHS: dict[str, ArchInfo] = {
+    info.name: info
+    for info in [
+        ArchInfo("resnet20", _cifar(20), "cifar10", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD,
+                 "teachers/resnet20_cifar10.pt", AKAMASTER + "resnet20-12fca82f.th"),
+        ArchInfo("resnet32", _cifar(32), "cifar10", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD,
+                 None, AKAMASTER + "resnet32-d509ac18.th"),
+        ArchInfo("resnet44", _cifar(44), "cifar10", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD,
+                 None, AKAMASTER + "resnet44-014dd654.th"),
+        ArchInfo("resnet56", _cifar(56), "cifar10", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD,
+                 "teachers/resnet56_cifar10.pt", AKAMASTER + "resnet56-4bfd9763.th"),
+        ArchInfo("resnet110", _cifar(110), "cifar10", 10, (3, 32, 32), CIFAR_MEAN, CIFAR_STD,
+                 None, AKAMASTER + "resnet110-1d1ed7c2.th"),
+        ArchInfo("resnet18", _torchvision("resnet18"), "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                 None, "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+        ArchInfo("resnet50", _torchvision("resnet50"), "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD,
+                 None, "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+        ArchInfo("mobilenet_v2", _torchvision("mobilenet_v2"), "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN,
+                 IMAGENET_STD, None, "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
+        ArchInfo("tinynet", lambda num_classes: TinyNet(num_classes), "synthetic", 10, (3, 16, 16), CIFAR_MEAN,
+                 CIFAR_STD),
+    ]
+}
+
+
+def get_arch(name: str) -> ArchInfo:
+    if name not in ARCHS:
+        raise DFQFError(f"unknown architecture {name!r}; supported: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def build_model(name: str, num_classes: int | None = None) -> nn.Module:
+    info = get_arch(name)
+    return info.build(num_classes or info.num_classes)
+
+
+def data_dir_from_env() -> Path | None:
+    d = os.environ.get("DFQF_DATA_DIR")
+    return Path(d) if d else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DFQF_CACHE_DIR", Path.home() / ".cache" / "dfqf"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_weights(arch: str, weights: str | Path | None) -> Path | None:
+    """The weights file to load: the given path, else the arch's default from $DFQF_DATA_DIR or the
+    download cache, else a download (with internet). `tinynet` has seeded weights: returns None."""
+    info = get_arch(arch)
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise DFQFError(f"weights file not found: {p}")
+        return p
+    if info.weights_file is None and info.weights_url is None:
+        return None
+    data_dir = data_dir_from_env()
+    if data_dir is not None and info.weights_file and (data_dir / info.weights_file).is_file():
+        return data_dir / info.weights_file
+    assert info.weights_url is not None
+    cached = cache_dir() / "teachers" / Path(info.weights_url).name
+    if cached.is_file():
+        return cached
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(info.weights_url, str(cached), progress=False)
+    except Exception as e:  # offline machines land here
+        raise DFQFError(
+            f"no weights for {arch}: download of {info.weights_url} failed ({type(e).__name__}); "
+            f"pass --weights PATH or set DFQF_DATA_DIR to a folder with {info.weights_file or 'the weights'}"
+        ) from None
+    return cached
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict saved by torch.save (plain, or wrapped as {'state_dict': ...} with 'module.')."""
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DFQFError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DFQFError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict(strict=True), with mismatches reported as one readable DFQFError."""
+    expected = model.state_dict()
+    # checkpoints without num_batches_tracked still describe the model completely
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {_few(shapes)}")
+        raise DFQFError(f"{what} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+def load_teacher(arch: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
+    """Build `arch`, load its weights strictly, and return it in eval mode."""
+    model = build_model(arch, num_classes)
+    path = resolve_weights(arch, weights)
+    if path is not None:
+        load_state_dict_strict(model, read_state_dict(path), f"weights file {path} for --arch {arch}")
+    return model.eval()

@@ -1,0 +1,227 @@
+"""Turn a float teacher into a fake-quant student through a converter table (DESIGN §3).
+
+The student is an fx.GraphModule: BN folded, Conv2d/Linear replaced by QuantConv2d/QuantLinear and
+ActQuantizer modules inserted where the integer graph holds quantized tensors:
+- the network input (8-bit affine, unsigned with a zero point);
+- every tensor a conv/linear, pooling or shape op consumes (unsigned after ReLU, signed otherwise);
+- residual sums: `add` may consume one raw conv accumulator (the integer graph rescales the int32
+  accumulator straight to the output scale); its other inputs are quantized tensors, and its output is
+  quantized by the consumer, after the ReLU when one follows (the ReLU becomes the clamp).
+Quantizers are inserted lazily, by the first consumer that needs a quantized input, so a tensor is
+quantized once however many consumers it has. Logits (the last layer's output) stay unquantized:
+the integer graph returns the int32 accumulator and its scale.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DFQFError
+from .fold import fold_batch_norm
+from .modules import ActQuantizer, QuantConv2d, QuantLinear
+from .spec import MAX_BITS, MIN_BITS, activation_spec, input_spec, weight_spec
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths of a student. `overrides` maps a quantizer name (a conv/linear module name for weights,
+    '<node>_aq' for activations) to its bits, for mixed-precision policies."""
+
+    wbits: int = 4
+    abits: int = 4
+    first_last_bits: int = 8
+    overrides: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, b in [("wbits", self.wbits), ("abits", self.abits), ("first_last_bits", self.first_last_bits),
+                        *self.overrides.items()]:
+            if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                raise DFQFError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _State:
+    """What the new graph holds for an original node: quantized (by `quantizer`), or raw float."""
+
+    node: fx.Node
+    quantizer: ActQuantizer | None = None
+    nonneg: bool = False
+    is_acc: bool = False  # raw output of a conv/linear (an int32 accumulator in the integer graph)
+
+
+class _Converter:
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
+        self.src, self.config = gm, config
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.state: dict[fx.Node, _State] = {}
+        self.quantized: dict[fx.Node, _State] = {}  # memo: node -> its quantized version
+        linear_like = [n for n in gm.graph.nodes if n.op == "call_module"
+                       and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
+        if not linear_like:
+            raise DFQFError("model has no Conv2d/Linear layer to quantize")
+        self.first, self.last = linear_like[0], linear_like[-1]
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def bits(self, name: str, default: int) -> int:
+        return self.config.overrides.get(name, default)
+
+    def need_q(self, src: fx.Node, bits: int) -> _State:
+        """The quantized version of original node `src`, inserting an ActQuantizer on first use.
+
+        Memoized on the new graph's node, so aliases (Identity shortcuts) share one quantizer."""
+        st = self.state[src]
+        if st.quantizer is not None:
+            return st
+        if st.node not in self.quantized:
+            name = f"{st.node.name}_aq"
+            q = ActQuantizer(activation_spec(self.bits(name, bits), signed=not st.nonneg))
+            self.root.add_module(name, q)
+            node = self.graph.call_module(name, (st.node,))
+            self.quantized[st.node] = _State(node, q, nonneg=st.nonneg)
+        return self.quantized[st.node]
+
+    def module_of(self, n: fx.Node) -> nn.Module:
+        return self.src.get_submodule(n.target)
+
+    # -- conversion --------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        for n in self.src.graph.nodes:
+            if n.op == "placeholder":
+                node = self.graph.placeholder(n.name)
+                q = ActQuantizer(input_spec(self.bits("input_aq", self.config.first_last_bits)))
+                self.root.add_module("input_aq", q)
+                self.state[n] = _State(self.graph.call_module("input_aq", (node,)), q)
+            elif n.op == "output":
+                self.graph.output(fx.node.map_arg(n.args[0], lambda a: self.state[a].node))
+            elif n.op == "get_attr":
+                raise DFQFError(f"unsupported graph node {n.name}: parameters used outside a layer")
+            else:
+                self.state[n] = self.convert(n)
+        return fx.GraphModule(self.root, self.graph)
+
+    def convert(self, n: fx.Node) -> _State:
+        kind = self.module_of(n) if n.op == "call_module" else n.target
+        key = type(kind) if n.op == "call_module" else kind
+        handler = CONVERTERS.get(key)
+        if handler is None:
+            raise DFQFError(f"unsupported layer {_describe(n, kind)}; supported: {supported_layers()}")
+        return handler(self, n)
+
+    def add_module_node(self, n: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
+        """Call `module` registered under the original module path, so teacher key names survive."""
+        _add_nested(self.root, n.target, module)
+        return self.graph.call_module(n.target, args)
+
+
+def _add_nested(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Register `module` at dotted path `name`, creating empty parents (keeps teacher key names)."""
+    parent = root
+    *path, leaf = name.split(".")
+    for p in path:
+        if not hasattr(parent, p):
+            parent.add_module(p, nn.Module())
+        parent = getattr(parent, p)
+    parent.add_module(leaf, module)
+
+
+def _describe(n: fx.Node, kind: Any) -> str:
+    if n.op == "call_module":
+        return f"{n.target} ({type(kind).__name__})"
+    return f"{n.name} ({getattr(kind, '__name__', kind)})"
+
+
+# -- converters: one function per supported layer kind ------------------------------------------------
+def _conv_or_linear(c: _Converter, n: fx.Node) -> _State:
+    mod = c.module_of(n)
+    edge = n is c.first or n is c.last
+    wbits = c.bits(n.target, c.config.first_last_bits if edge else c.config.wbits)
+    abits = c.config.first_last_bits if edge else c.config.abits
+    x = c.need_q(n.args[0], abits)
+    qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)(mod, weight_spec(wbits))
+    return _State(c.add_module_node(n, qmod, (x.node,)), is_acc=True)
+
+
+def _relu(c: _Converter, n: fx.Node) -> _State:
+    src = c.state[n.args[0]]
+    node = _copy(c, n, (src.node,) + tuple(n.args[1:]))
+    # ReLU of an already quantized tensor (zero point 0) is a clamp on the same grid
+    return _State(node, src.quantizer, nonneg=True)
+
+
+def _add(c: _Converter, n: fx.Node) -> _State:
+    if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
+        raise DFQFError(f"unsupported add {n.name}: only tensor + tensor is supported")
+    fused = next((a for a in n.args if c.state[a].is_acc), None)
+    args = tuple(c.state[a].node if a is fused else c.need_q(a, c.config.abits).node for a in n.args)
+    return _State(c.graph.call_function(operator.add, args, name=n.name))
+
+
+def _passthrough(c: _Converter, n: fx.Node) -> _State:
+    """Shape ops and max pooling: exact on the integer grid, the output keeps the input's quantizer."""
+    x = c.need_q(n.args[0], c.config.abits)
+    node = _copy(c, n, (x.node,) + tuple(n.args[1:]))
+    return _State(node, x.quantizer, nonneg=x.nonneg)
+
+
+def _average(c: _Converter, n: fx.Node) -> _State:
+    """Average pooling: integer sum then one requantization; the consumer quantizes the output."""
+    x = c.need_q(n.args[0], c.config.abits)
+    return _State(_copy(c, n, (x.node,) + tuple(n.args[1:])), nonneg=x.nonneg)
+
+
+def _identity(c: _Converter, n: fx.Node) -> _State:
+    return c.state[n.args[0]]
+
+
+def _copy(c: _Converter, n: fx.Node, args: tuple) -> fx.Node:
+    if n.op == "call_module":
+        return c.add_module_node(n, c.module_of(n), args)
+    return c.graph.create_node(n.op, n.target, args, dict(n.kwargs), n.name)
+
+
+CONVERTERS: dict[Any, Callable[[_Converter, fx.Node], _State]] = {
+    nn.Conv2d: _conv_or_linear,
+    nn.Linear: _conv_or_linear,
+    nn.ReLU: _relu,
+    nn.ReLU6: _relu,
+    F.relu: _relu,
+    torch.relu: _relu,
+    "relu": _relu,
+    operator.add: _add,
+    operator.iadd: _add,
+    torch.add: _add,
+    nn.MaxPool2d: _passthrough,
+    nn.Flatten: _passthrough,
+    torch.flatten: _passthrough,
+    "flatten": _passthrough,
+    "view": _passthrough,
+    "reshape": _passthrough,
+    operator.getitem: _passthrough,
+    F.pad: _passthrough,
+    nn.AdaptiveAvgPool2d: _average,
+    nn.AvgPool2d: _average,
+    F.adaptive_avg_pool2d: _average,
+    nn.Identity: _identity,
+    nn.Dropout: _identity,
+}
+
+
+def supported_layers() -> str:
+    return ", ".join(sorted({getattr(k, "__name__", str(k)) for k in CONVERTERS}))
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
+    """BN-fold `model` and return its fake-quant student (quantizer scales still uninitialized: calibrate)."""
+    student = _Converter(fold_batch_norm(model), config).run()
+    student.graph.lint()
+    return student.eval()
