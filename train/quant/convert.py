@@ -84,11 +84,24 @@ class _Converter:
             return st
         if st.node not in self.quantized:
             name = f"{st.node.name}_aq"
+            bits = self.config.first_last_bits if self.feeds_edge_layer(src) else bits
             q = ActQuantizer(activation_spec(self.bits(name, bits), signed=not st.nonneg))
             self.root.add_module(name, q)
             node = self.graph.call_module(name, (st.node,))
             self.quantized[st.node] = _State(node, q, nonneg=st.nonneg)
         return self.quantized[st.node]
+
+    def feeds_edge_layer(self, src: fx.Node) -> bool:
+        """Does `src` reach the first or last conv/linear through shape-only ops? (Their inputs are 8-bit.)"""
+        for user in src.users:
+            if user is self.first or user is self.last:
+                return True
+            if CONVERTERS.get(self.kind(user)) in (_passthrough, _identity) and self.feeds_edge_layer(user):
+                return True
+        return False
+
+    def kind(self, n: fx.Node) -> Any:
+        return type(self.module_of(n)) if n.op == "call_module" else n.target
 
     def module_of(self, n: fx.Node) -> nn.Module:
         return self.src.get_submodule(n.target)
@@ -110,11 +123,9 @@ class _Converter:
         return fx.GraphModule(self.root, self.graph)
 
     def convert(self, n: fx.Node) -> _State:
-        kind = self.module_of(n) if n.op == "call_module" else n.target
-        key = type(kind) if n.op == "call_module" else kind
-        handler = CONVERTERS.get(key)
+        handler = CONVERTERS.get(self.kind(n))
         if handler is None:
-            raise DFQFError(f"unsupported layer {_describe(n, kind)}; supported: {supported_layers()}")
+            raise DFQFError(f"unsupported layer {_describe(n, self.kind(n))}; supported: {supported_layers()}")
         return handler(self, n)
 
     def add_module_node(self, n: fx.Node, module: nn.Module, args: tuple) -> fx.Node:
@@ -136,7 +147,7 @@ def _add_nested(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def _describe(n: fx.Node, kind: Any) -> str:
     if n.op == "call_module":
-        return f"{n.target} ({type(kind).__name__})"
+        return f"{n.target} ({kind.__name__})"
     return f"{n.name} ({getattr(kind, '__name__', kind)})"
 
 

@@ -1,0 +1,116 @@
+"""The `student.pt` contract (DESIGN §5): everything lower.compile needs to rebuild a student exactly.
+
+A plain dict (loads with torch.load(weights_only=True)):
+  format        "dfqf.student", version 1
+  arch          registry name; arch_kwargs {"num_classes": K}
+  input         {"size": [C, H, W], "mean": [...], "std": [...]} — normalization the student expects
+  quant_config  QuantConfig as a dict (wbits, abits, first_last_bits, overrides)
+  quantizers    {name: {"kind": "weight"|"activation", "spec": QuantSpec dict,
+                        "scale": float32 tensor, "zero_point": int32 tensor}}
+                weight quantizers are named after their conv/linear module, activation ones '<node>_aq'
+  state_dict    the fake-quant student's state_dict (BN folded: every conv/linear has a bias)
+  method        what produced it ("minmax", "dfq", "zeroq", "real-calib", "dfqf"); data_free: bool
+  meta          free-form provenance (teacher file and sha256, versions, time)
+The student graph is rebuilt deterministically: build(arch) → fold BN → quantize_model(quant_config),
+then state_dict is loaded strictly.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import DFQFError
+from .models import build_model, get_arch
+from .quant.convert import QuantConfig, quantize_model
+from .quant.modules import ActQuantizer, WeightQuantizer
+from .quant.spec import QuantSpec
+
+FORMAT, VERSION = "dfqf.student", 1
+
+
+def quantizer_table(student: nn.Module) -> dict[str, dict[str, Any]]:
+    table = {}
+    for name, m in student.named_modules():
+        if isinstance(m, (ActQuantizer, WeightQuantizer)):
+            key = name.removesuffix(".weight_quantizer") if isinstance(m, WeightQuantizer) else name
+            table[key] = {
+                "kind": "weight" if isinstance(m, WeightQuantizer) else "activation",
+                "spec": m.spec.to_dict(),
+                "scale": m.scale.detach().cpu().clone(),
+                "zero_point": m.zero_point.detach().cpu().clone(),
+            }
+    return table
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: int, config: QuantConfig,
+                 method: str, data_free: bool, meta: dict[str, Any] | None = None) -> None:
+    info = get_arch(arch)
+    atomic_torch_save({
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": arch,
+        "arch_kwargs": {"num_classes": num_classes},
+        "input": {"size": list(info.input_size), "mean": list(info.mean), "std": list(info.std)},
+        "quant_config": config.to_dict(),
+        "quantizers": quantizer_table(student),
+        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        "method": method,
+        "data_free": data_free,
+        "meta": meta or {},
+    }, path)
+
+
+def read_student(path: Path) -> dict[str, Any]:
+    """The raw checkpoint dict, validated (format, version, required keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DFQFError(f"student file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DFQFError(f"cannot read student file {path}: {type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise DFQFError(f"{path} is not a DFQF student checkpoint (format {FORMAT!r})")
+    if ckpt.get("version") != VERSION:
+        raise DFQFError(f"{path}: unsupported student version {ckpt.get('version')!r} (expected {VERSION})")
+    missing = [k for k in ("arch", "arch_kwargs", "quant_config", "quantizers", "state_dict") if k not in ckpt]
+    if missing:
+        raise DFQFError(f"{path}: student checkpoint lacks {missing}")
+    return ckpt
+
+
+def load_student(path: Path) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Rebuild the fake-quant student from `student.pt`; returns (student in eval mode, checkpoint dict)."""
+    ckpt = read_student(path)
+    config = QuantConfig(**ckpt["quant_config"])
+    student = quantize_model(build_model(ckpt["arch"], **ckpt["arch_kwargs"]).eval(), config)
+    try:
+        student.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise DFQFError(f"{path}: state_dict does not match the rebuilt student: {str(e).splitlines()[0]}") from None
+    for name, q in quantizer_table(student).items():
+        if QuantSpec.from_dict(ckpt["quantizers"][name]["spec"]) != QuantSpec.from_dict(q["spec"]):
+            raise DFQFError(f"{path}: quantizer {name} spec differs from the rebuilt student")
+    return student.eval(), ckpt
