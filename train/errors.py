@@ -1,6 +1,7 @@
 """User-facing errors and the CLI wrapper that turns them into one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -27,3 +28,17 @@ def cli_main(fn: Callable[[list[str] | None], int | None]) -> Callable[[list[str
             return 130
 
     return wrapper
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse with usage errors as one 'error: ...' line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` for wrapping library exceptions into a DFQFError."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__

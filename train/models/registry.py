@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import DFQFError
+from ..errors import DFQFError, first_line
 from .cifar_resnet import CifarResNet
 from .tiny import TinyNet
 
@@ -135,7 +135,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DFQFError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise DFQFError(f"cannot read weights file {path}: {first_line(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -1,0 +1,19 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder ($DFQF_DATA_DIR, else <workspace>/shared/data); skips when absent."""
+    env = os.environ.get("DFQF_DATA_DIR")
+    path = Path(env) if env else SHARED_DATA_DEFAULT
+    if not (path / "cifar10").is_dir() or not (path / "teachers").is_dir():
+        pytest.skip(f"shared data not found at {path} (set DFQF_DATA_DIR to the folder with cifar10/ and teachers/)")
+    return path

@@ -1,0 +1,1 @@
+"""Post-training quantization baselines the paper compares against: min-max, DFQ, ZeroQ, real calibration."""

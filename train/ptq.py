@@ -1,0 +1,214 @@
+"""Post-training quantization baselines, under the same integer-deployable protocol as DFQF.
+
+    python -m train.ptq --method {minmax,dfq,zeroq,real-calib} --arch resnet20 --weights W \
+        --wbits 4 --abits 4 --out DIR [--data-dir D]
+
+Writes DIR/student.pt (the format lower.compile reads) and DIR/report.json (FP and quantized top-1 when a
+data folder is given, time taken); the report is also the last stdout line. Methods:
+  minmax      ranges from Gaussian-noise inputs (data-free, naive)
+  dfq         Nagel et al. 2019: cross-layer equalization, BN-statistics ranges, bias correction (data-free)
+  zeroq       Cai et al. 2020: images distilled from BN statistics, then ranges calibrated on them (data-free)
+  real-calib  ranges calibrated on real training images — an upper bound, NOT data-free
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .baselines.dfq import dfq_student
+from .baselines.zeroq import distill_images
+from .data import image_batches, load_split, normalize, resolve_data_dir, subset
+from .errors import CLIParser, DFQFError, cli_main
+from .evaluate import evaluate_top1
+from .models import get_arch, load_teacher, resolve_weights
+from .models.registry import ArchInfo, sha256_file
+from .quant.calibrate import OBSERVERS, calibrate
+from .quant.convert import QuantConfig, quantize_model
+from .student import save_student
+
+
+@dataclass
+class PTQContext:
+    """What a method may use: the teacher, its input contract, the protocol, and its own knobs."""
+
+    teacher: nn.Module
+    info: ArchInfo
+    config: QuantConfig
+    args: argparse.Namespace
+    data_dir: Path | None
+
+
+def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(x, batch_size))
+
+
+def minmax_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    g = torch.Generator().manual_seed(ctx.args.seed)
+    noise = torch.randn((ctx.args.calib_size, *ctx.info.input_size), generator=g)
+    student = quantize_model(ctx.teacher, ctx.config)
+    n = calibrate(student, _batches(noise, ctx.args.batch_size), ctx.args.observer)
+    return student, {"calibration_images": n, "calibration_data": "gaussian noise N(0,1)"}
+
+
+def dfq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    student, info = dfq_student(ctx.teacher, ctx.config, ctx.info.mean, ctx.info.std)
+    return student, {"calibration_images": 0, "calibration_data": "BN statistics", **info}
+
+
+def zeroq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    a = ctx.args
+    start = time.perf_counter()
+    images = distill_images(ctx.teacher, a.calib_size, ctx.info.input_size, a.zeroq_iters, batch_size=a.batch_size,
+                            seed=a.seed, progress=_distill_progress(a.calib_size, a.zeroq_iters, a.batch_size))
+    distill_s = time.perf_counter() - start
+    student = quantize_model(ctx.teacher, ctx.config)
+    n = calibrate(student, _batches(images, a.batch_size), a.observer)
+    return student, {"calibration_images": n, "calibration_data": "ZeroQ distilled images",
+                     "distill_iterations": a.zeroq_iters, "distill_seconds": round(distill_s, 2)}
+
+
+def real_calib_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    if ctx.data_dir is None:
+        raise DFQFError("--method real-calib needs real training images: pass --data-dir or set DFQF_DATA_DIR")
+    x, _ = load_split(ctx.data_dir, ctx.info.dataset, "train")
+    x, _ = subset(x, np.zeros(len(x), dtype=np.int64), ctx.args.calib_size, ctx.args.seed)
+    images = normalize(x, ctx.info.mean, ctx.info.std)
+    student = quantize_model(ctx.teacher, ctx.config)
+    n = calibrate(student, _batches(images, ctx.args.batch_size), ctx.args.observer)
+    return student, {"calibration_images": n, "calibration_data": "real training images (NOT data-free)"}
+
+
+METHODS: dict[str, tuple[Callable[[PTQContext], tuple[fx.GraphModule, dict[str, Any]]], bool]] = {
+    "minmax": (minmax_method, True),
+    "dfq": (dfq_method, True),
+    "zeroq": (zeroq_method, True),
+    "real-calib": (real_calib_method, False),
+}
+
+
+def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, float], None]:
+    total = -(-n // batch) * iters
+    done = [0]
+
+    def report(start: int, it: int, loss: float) -> None:
+        done[0] += 1
+        if done[0] % 50 == 0 or done[0] == total:
+            print(f"zeroq distill {done[0]}/{total} bn-loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _bits(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got {text!r}") from None
+    if not 2 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be in 2..8, got {b}")
+    return b
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = CLIParser(prog="python -m train.ptq", description=__doc__.splitlines()[0])
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--weights", help="teacher state_dict (default: the arch's default teacher)")
+    p.add_argument("--wbits", type=_bits, default=4)
+    p.add_argument("--abits", type=_bits, default=4)
+    p.add_argument("--first-last-bits", type=_bits, default=8, help="first conv and last linear (default 8)")
+    p.add_argument("--observer", choices=OBSERVERS, default="minmax",
+                   help="range estimator for minmax/zeroq/real-calib (default: minmax)")
+    p.add_argument("--out", required=True, help="output folder for student.pt and report.json")
+    p.add_argument("--data-dir", help="evaluation data (default: $DFQF_DATA_DIR; optional)")
+    p.add_argument("--split", default="test", help="evaluation split (default: test)")
+    p.add_argument("--eval-limit", type=_positive, help="evaluate on a seeded random subset of this size")
+    p.add_argument("--calib-size", type=_positive, default=256, help="calibration/distilled images (default 256)")
+    p.add_argument("--zeroq-iters", type=_positive, default=500, help="ZeroQ distillation steps per batch")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DFQFError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data_dir: Path, split: str,
+                  limit: int | None, seed: int) -> dict[str, Any]:
+    """FP and quantized top-1 on the same images."""
+    x, y = load_split(data_dir, info.dataset, split)
+    if limit is not None:
+        x, y = subset(x, y, limit, seed)
+    fp, n = evaluate_top1(teacher, image_batches(x, y, info.mean, info.std, 500))
+    q, _ = evaluate_top1(student, image_batches(x, y, info.mean, info.std, 500))
+    return {"fp_top1": round(fp, 2), "quant_top1": round(q, 2), "eval_images": n, "split": split}
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    info = get_arch(args.arch)
+    config = QuantConfig(args.wbits, args.abits, args.first_last_bits)
+    out = Path(args.out)
+    _check_out(out)
+    data_dir = resolve_data_dir(args.data_dir) if args.data_dir or os.environ.get("DFQF_DATA_DIR") else None
+    weights = resolve_weights(args.arch, args.weights)
+    teacher = load_teacher(args.arch, weights)
+    method, data_free = METHODS[args.method]
+
+    start = time.perf_counter()
+    student, details = method(PTQContext(teacher, info, config, args, data_dir))
+    seconds = time.perf_counter() - start
+
+    meta = {"teacher": str(weights) if weights else None,
+            "teacher_sha256": sha256_file(weights) if weights else None,
+            "torch": torch.__version__, "python": platform.python_version(), "seed": args.seed}
+    save_student(out / "student.pt", student, args.arch, info.num_classes, config, args.method, data_free, meta)
+    report: dict[str, Any] = {
+        "method": args.method, "data_free": data_free, "arch": args.arch, **config.to_dict(),
+        "observer": args.observer if args.method != "dfq" else "bn-statistics",
+        "quantize_seconds": round(seconds, 2), **details, **meta,
+    }
+    if data_dir is not None and info.dataset in ("cifar10", "cifar100"):
+        report.update(evaluate_pair(teacher, student, info, data_dir, args.split, args.eval_limit, args.seed))
+    write_json_atomic(report, out / "report.json")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
