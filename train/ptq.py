@@ -49,6 +49,7 @@ class PTQContext:
     config: QuantConfig
     args: argparse.Namespace
     data_dir: Path | None
+    distilled_images: torch.Tensor | None = None  # ZeroQ: set after distillation, reusable across bit widths
 
 
 def _batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -71,11 +72,13 @@ def dfq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
 def zeroq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
     a = ctx.args
     start = time.perf_counter()
-    images = distill_images(ctx.teacher, a.calib_size, ctx.info.input_size, a.zeroq_iters, batch_size=a.batch_size,
-                            seed=a.seed, progress=_distill_progress(a.calib_size, a.zeroq_iters, a.batch_size))
+    if ctx.distilled_images is None:
+        ctx.distilled_images = distill_images(
+            ctx.teacher, a.calib_size, ctx.info.input_size, a.zeroq_iters, batch_size=a.batch_size, seed=a.seed,
+            progress=_distill_progress(a.calib_size, a.zeroq_iters, a.batch_size))
     distill_s = time.perf_counter() - start
     student = quantize_model(ctx.teacher, ctx.config)
-    n = calibrate(student, _batches(images, a.batch_size), a.observer)
+    n = calibrate(student, _batches(ctx.distilled_images, a.batch_size), a.observer)
     return student, {"calibration_images": n, "calibration_data": "ZeroQ distilled images",
                      "distill_iterations": a.zeroq_iters, "distill_seconds": round(distill_s, 2)}
 

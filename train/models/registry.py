@@ -135,7 +135,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DFQFError(f"cannot read weights file {path}: {first_line(e)}") from None
+        raise DFQFError(f"cannot read weights file {path}: not a torch.save checkpoint ({first_line(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
