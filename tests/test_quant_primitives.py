@@ -236,8 +236,6 @@ def test_fake_quantize_equals_dequantize_of_quantize_affine(spec, s, data) -> No
     assert torch.equal(P.fake_quantize(xt, st_, zt, spec), P.dequantize(q, st_, zt))
 
 
-@pytest.mark.xfail(strict=True, reason="fake_quantize rounds x/s + z in float32, quantize rounds x/s then adds z: "
-                                       "they disagree near ties when zero_point != 0 (see report)")
 def test_fake_quantize_equals_dequantize_of_quantize_near_ties_affine() -> None:
     spec = QuantSpec(bits=8, signed=False, symmetric=False)
     s, z = torch.tensor(1.0), torch.tensor(64, dtype=torch.int32)
@@ -246,8 +244,6 @@ def test_fake_quantize_equals_dequantize_of_quantize_near_ties_affine() -> None:
     assert torch.equal(P.fake_quantize(x, s, z, spec), P.dequantize(P.quantize(x, s, z, spec), s, z))
 
 
-@pytest.mark.xfail(strict=True, reason="the LSQ gradient scaling changes the forward value of the scale by an ulp "
-                                       "(see report)")
 def test_fake_quantize_forward_independent_of_grad_factor() -> None:
     g = torch.Generator().manual_seed(0)
     spec = weight_spec(4)
@@ -272,8 +268,6 @@ def test_ties_round_up(signed: bool) -> None:
     assert P.round_half_up(torch.tensor([-2.5, -0.5, 0.5, 2.5])).tolist() == [-2.0, 0.0, 1.0, 3.0]
 
 
-@pytest.mark.xfail(strict=True, reason="round_half_up computes floor(x + 0.5) in float32: x + 0.5 rounds "
-                                       "(0.49999997 -> 1, 8388609 -> 8388610) (see report)")
 def test_round_half_up_exact_for_float32_edge_values() -> None:
     x = torch.tensor([0.49999997, 8388609.0, -8388609.0, 0.5, -0.5], dtype=torch.float32)
     want = [frac_round_half_up(Fraction(v)) for v in x.tolist()]
@@ -500,8 +494,6 @@ def test_lsq_gradients(case) -> None:
     assert np.all(np.abs(st_.grad.numpy() - ds) <= 1e-5 * mag + 1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="gradients at codes qmin/qmax follow torch.clamp's subgradient at the bounds "
-                                       "(0 in this torch), not the clipping range of x/s + z (see report)")
 @pytest.mark.parametrize("signed", [True, False])
 def test_lsq_gradient_half_lsb_next_to_range_ends(signed: bool) -> None:
     """x/s + z = qmin + 0.2 and qmax - 0.2 are inside the clipping range, qmin - 0.2 and qmax + 0.2 outside."""

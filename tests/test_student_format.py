@@ -195,18 +195,11 @@ def _pop(d: dict, key: str) -> None:
     pytest.param(lambda c: _pop(c["state_dict"], "conv1.weight"), id="missing-weight"),
     pytest.param(lambda c: _set(c["state_dict"], "conv1.weight", torch.zeros(2)), id="weight-shape"),
     pytest.param(lambda c: _set(c["quantizers"]["relu_aq"]["spec"], "signed", True), id="spec-differs"),
-    pytest.param(lambda c: _pop(c["quantizers"], "relu_aq"), id="quantizer-entry-missing",
-                 marks=pytest.mark.xfail(strict=True, raises=KeyError,
-                                         reason="load_student indexes ckpt['quantizers'][name]: KeyError")),
-    pytest.param(lambda c: _set(c["quantizers"]["relu_aq"]["spec"], "bits", 30), id="spec-invalid",
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError,
-                                         reason="QuantSpec.from_dict's ValueError escapes load_student")),
-    pytest.param(lambda c: _set(c["quant_config"], "group_size", 8), id="config-unknown-key",
-                 marks=pytest.mark.xfail(strict=True, raises=TypeError,
-                                         reason="QuantConfig(**quant_config) TypeError escapes load_student")),
-    pytest.param(lambda c: _set(c, "state_dict", 5), id="state-dict-not-dict",
-                 marks=pytest.mark.xfail(strict=True, raises=TypeError,
-                                         reason="load_state_dict TypeError escapes load_student")),
+    pytest.param(lambda c: _pop(c["quantizers"], "relu_aq"), id="quantizer-entry-missing"),
+    pytest.param(lambda c: _set(c["quantizers"]["relu_aq"]["spec"], "bits", 30), id="spec-invalid"),
+    pytest.param(lambda c: _set(c["quant_config"], "group_size", 8), id="config-unknown-key"),
+    pytest.param(lambda c: _set(c["arch_kwargs"], "depth", 3), id="arch-kwargs-unknown-key"),
+    pytest.param(lambda c: _set(c, "state_dict", 5), id="state-dict-not-dict"),
 ])
 def test_wrong_format_raises_dfqf_error(saved: Path, tmp_path: Path, edit) -> None:
     p = _save_variant(saved, tmp_path, edit)

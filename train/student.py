@@ -25,8 +25,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import DFQFError
+from .errors import DFQFError, first_line
 from .models import build_model, get_arch
+from .models.registry import load_state_dict_strict
 from .quant.convert import QuantConfig, quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .quant.spec import QuantSpec
@@ -104,13 +105,20 @@ def read_student(path: Path) -> dict[str, Any]:
 def load_student(path: Path) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Rebuild the fake-quant student from `student.pt`; returns (student in eval mode, checkpoint dict)."""
     ckpt = read_student(path)
-    config = QuantConfig(**ckpt["quant_config"])
-    student = quantize_model(build_model(ckpt["arch"], **ckpt["arch_kwargs"]).eval(), config)
     try:
-        student.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise DFQFError(f"{path}: state_dict does not match the rebuilt student: {str(e).splitlines()[0]}") from None
-    for name, q in quantizer_table(student).items():
-        if QuantSpec.from_dict(ckpt["quantizers"][name]["spec"]) != QuantSpec.from_dict(q["spec"]):
-            raise DFQFError(f"{path}: quantizer {name} spec differs from the rebuilt student")
+        config = QuantConfig(**ckpt["quant_config"])
+        student = quantize_model(build_model(ckpt["arch"], **ckpt["arch_kwargs"]).eval(), config)
+        if not isinstance(ckpt["state_dict"], dict):
+            raise TypeError("state_dict is not a dict")
+        load_state_dict_strict(student, ckpt["state_dict"], f"{path}: state_dict")
+        stored = ckpt["quantizers"]
+        for name, q in quantizer_table(student).items():
+            if name not in stored:
+                raise DFQFError(f"{path}: quantizer {name} missing from the quantizer table")
+            if QuantSpec.from_dict(stored[name]["spec"]) != QuantSpec.from_dict(q["spec"]):
+                raise DFQFError(f"{path}: quantizer {name} spec differs from the rebuilt student")
+    except DFQFError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DFQFError(f"{path}: malformed student checkpoint ({first_line(e)})") from None
     return student.eval(), ckpt

@@ -23,12 +23,13 @@ MAX_SHIFT = 62
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
-    """floor(x + 0.5).
+    """floor(x + 0.5), computed without the float rounding of `x + 0.5` (exact for every float32).
 
-    >>> round_half_up(torch.tensor([0.5, 1.5, -0.5, -1.5, 2.4])).tolist()
-    [1.0, 2.0, 0.0, -1.0, 2.0]
+    >>> round_half_up(torch.tensor([0.5, 1.5, -0.5, -1.5, 2.4, 0.49999997])).tolist()
+    [1.0, 2.0, 0.0, -1.0, 2.0, 0.0]
     """
-    return torch.floor(x + 0.5)
+    f = torch.floor(x)
+    return f + (x - f >= 0.5).to(x.dtype)
 
 
 def _broadcast(p: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -85,8 +86,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, a
 
 
 def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass, gradient multiplied by `factor` in the backward pass."""
-    return (x - x * factor).detach() + x * factor
+    """Exactly `x` in the forward pass; gradient multiplied by `factor` in the backward pass."""
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 def fake_quantize(
@@ -97,21 +99,22 @@ def fake_quantize(
     axis: int = 0,
     grad_factor: float = 1.0,
 ) -> torch.Tensor:
-    """dequantize(quantize(x)) in float, differentiable with the LSQ estimator (Esser et al. 2020).
+    """dequantize(quantize(x)) in float — bit for bit — differentiable with the LSQ estimator
+    (Esser et al. 2020).
 
-    Gradients: d/dx = 1 inside the clipping range and 0 outside (straight-through rounding);
-    d/dscale = round(x/s) - x/s inside, and qmin - z or qmax - z at the clipped ends, times
-    `grad_factor` (LSQ uses 1/sqrt(numel * qmax)). The zero point is not learned.
+    Computed as s * round(clamp(x/s, qmin - z, qmax - z)): clamping before rounding gives the same value
+    (the bounds are integers) and the LSQ gradients: d/dx = 1 where qmin <= x/s + z <= qmax, else 0
+    (straight-through rounding); d/dscale = round(x/s) - x/s inside, and qmin - z or qmax - z where
+    clipped, times `grad_factor` (LSQ uses 1/sqrt(numel * qmax)). The zero point is not learned.
 
     >>> fake_quantize(torch.tensor([0.26, -0.1, 9.0]), torch.tensor(0.5), torch.tensor(0), QuantSpec(bits=4, signed=True)).tolist()
     [0.5, 0.0, 3.5]
     """
     s = _broadcast(_scale_gradient(scale, grad_factor), x, axis)
-    z = _broadcast(zero_point, x, axis).detach()
-    v = x / s + z
-    v = v + (round_half_up(v) - v).detach()  # straight-through rounding
-    v = torch.clamp(v, spec.qmin, spec.qmax)
-    return (v - z) * s
+    z = _broadcast(zero_point, x, axis).detach().to(x.dtype)
+    u = torch.clamp(x / s, min=spec.qmin - z, max=spec.qmax - z)
+    u = u + (round_half_up(u) - u).detach()  # straight-through rounding
+    return u * s
 
 
 def lsq_grad_factor(numel: int, qmax: int) -> float:
