@@ -17,3 +17,14 @@ def shared_data() -> Path:
     if not (path / "cifar10").is_dir() or not (path / "teachers").is_dir():
         pytest.skip(f"shared data not found at {path} (set DFQF_DATA_DIR to the folder with cifar10/ and teachers/)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny models, for which thread start-up dominates: one thread is much faster (and steadier)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"teacher": str(weights) if weights else None,
             "teacher_sha256": sha256_file(weights) if weights else None,
-            "torch": torch.__version__, "python": platform.python_version(), "seed": args.seed}
+            "torch": str(torch.__version__), "python": platform.python_version(), "seed": args.seed}
     save_student(out / "student.pt", student, args.arch, info.num_classes, config, args.method, data_free, meta)
     report: dict[str, Any] = {
         "method": args.method, "data_free": data_free, "arch": args.arch, **config.to_dict(),

@@ -16,6 +16,7 @@ then state_dict is loaded strictly.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -79,7 +80,7 @@ def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: in
         "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
         "method": method,
         "data_free": data_free,
-        "meta": meta or {},
+        "meta": json.loads(json.dumps(meta or {})),  # plain JSON types only, so weights_only loads work
     }, path)
 
 
@@ -91,7 +92,7 @@ def read_student(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DFQFError(f"cannot read student file {path}: {type(e).__name__}") from None
+        raise DFQFError(f"cannot read student file {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DFQFError(f"{path} is not a DFQF student checkpoint (format {FORMAT!r})")
     if ckpt.get("version") != VERSION:

@@ -46,6 +46,8 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
     g = torch.Generator().manual_seed(seed)
     loss_fn = BNStatsLoss(teacher)
     out = []
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # callers may hold torch.no_grad(); the images need gradients
     try:
         for start in range(0, n, batch_size):
             x = torch.randn((min(batch_size, n - start), *input_size), generator=g).requires_grad_(True)
@@ -63,6 +65,7 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
                     progress(start, it, loss.item())
             out.append(x.detach())
     finally:
+        torch.set_grad_enabled(grad_mode)
         loss_fn.remove()
         for p in teacher.parameters():
             p.requires_grad_(True)
