@@ -21,7 +21,8 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment() -> dict[str, object]:
+def environment(module: str, argv: list[str] | None = None) -> dict[str, object]:
+    """Machine, software and the command (`python -m module args...`) that produced a result."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=False).stdout.strip() or None
@@ -29,7 +30,8 @@ def environment() -> dict[str, object]:
         commit = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", *sys.argv]) if sys.argv else None,
+        "command": " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
+        "data_dir": os.environ.get("DFQF_DATA_DIR"),
         "git_commit": commit,
         "cpu": cpu_model(),
         "cores": os.cpu_count(),

@@ -27,14 +27,6 @@ from train.quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQu
 from train.quant.spec import QuantSpec, activation_spec, input_spec, weight_spec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Intra-op threads on a small, shared 2-core machine make small models ~100x slower (spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------

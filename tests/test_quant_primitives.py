@@ -23,14 +23,6 @@ SETTINGS = settings(deadline=None, max_examples=60)
 BITS = st.integers(2, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Intra-op threads on a small, shared 2-core machine make small models ~100x slower (spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------------------------
 # independent references

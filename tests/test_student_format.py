@@ -19,14 +19,6 @@ from train.student import FORMAT, VERSION, atomic_torch_save, load_student, quan
 PLAIN = (str, int, float, bool, type(None))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Intra-op threads on a small, shared 2-core machine make small models ~100x slower (spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CONFIG = QuantConfig(wbits=3, abits=4, first_last_bits=8, overrides={"layer1.0.conv2": 5})
 

@@ -42,3 +42,25 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message` for wrapping library exceptions into a DFQFError."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def bits_int(text: str) -> int:
+    """argparse type: a bit width in 2..8."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got {text!r}") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be in 2..8, got {value}")
+    return value

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import SPLIT_FILES, image_batches, imagenet_val_loader, load_split, resolve_data_dir, subset
-from .errors import CLIParser, DFQFError, cli_main
+from .errors import CLIParser, DFQFError, cli_main, positive_int
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import ArchInfo
 
@@ -47,13 +47,6 @@ def evaluate_top1(
     return 100.0 * correct / total, total
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--arch", required=True, help="architecture name (see train.models.ARCHS)")
@@ -61,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data folder (default: $DFQF_DATA_DIR)")
     p.add_argument("--split", default="test", choices=list(SPLIT_FILES), help="evaluation split (default: test)")
     p.add_argument("--dataset", choices=DATASETS, help="data set (default: the arch's own)")
-    p.add_argument("--num-classes", type=_positive_int, help="classifier outputs (default: the data set's)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate a seeded random subset of this many images")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the data set's)")
+    p.add_argument("--limit", type=positive_int, help="evaluate a seeded random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=int, default=4, help="ImageNet data-loader workers (default: 4)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     return p

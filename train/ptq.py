@@ -31,7 +31,7 @@ from torch import nn
 from .baselines.dfq import dfq_student
 from .baselines.zeroq import distill_images
 from .data import image_batches, load_split, normalize, resolve_data_dir, subset
-from .errors import CLIParser, DFQFError, cli_main
+from .errors import CLIParser, DFQFError, bits_int, cli_main, positive_int
 from .evaluate import evaluate_top1
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import ArchInfo, sha256_file
@@ -114,40 +114,23 @@ def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, flo
     return report
 
 
-def _bits(text: str) -> int:
-    try:
-        b = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer in 2..8, got {text!r}") from None
-    if not 2 <= b <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be in 2..8, got {b}")
-    return b
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="python -m train.ptq", description=__doc__.splitlines()[0])
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--arch", default="resnet20")
     p.add_argument("--weights", help="teacher state_dict (default: the arch's default teacher)")
-    p.add_argument("--wbits", type=_bits, default=4)
-    p.add_argument("--abits", type=_bits, default=4)
-    p.add_argument("--first-last-bits", type=_bits, default=8, help="first conv and last linear (default 8)")
+    p.add_argument("--wbits", type=bits_int, default=4)
+    p.add_argument("--abits", type=bits_int, default=4)
+    p.add_argument("--first-last-bits", type=bits_int, default=8, help="first conv and last linear (default 8)")
     p.add_argument("--observer", choices=OBSERVERS, default="minmax",
                    help="range estimator for minmax/zeroq/real-calib (default: minmax)")
     p.add_argument("--out", required=True, help="output folder for student.pt and report.json")
     p.add_argument("--data-dir", help="evaluation data (default: $DFQF_DATA_DIR; optional)")
     p.add_argument("--split", default="test", help="evaluation split (default: test)")
-    p.add_argument("--eval-limit", type=_positive, help="evaluate on a seeded random subset of this size")
-    p.add_argument("--calib-size", type=_positive, default=256, help="calibration/distilled images (default 256)")
-    p.add_argument("--zeroq-iters", type=_positive, default=500, help="ZeroQ distillation steps per batch")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--eval-limit", type=positive_int, help="evaluate on a seeded random subset of this size")
+    p.add_argument("--calib-size", type=positive_int, default=256, help="calibration/distilled images (default 256)")
+    p.add_argument("--zeroq-iters", type=positive_int, default=500, help="ZeroQ distillation steps per batch")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     return p
 
