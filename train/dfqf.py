@@ -1,0 +1,437 @@
+"""DFQF: data-free quantization-aware fine-tuning (ACML 2020), end to end, resumable, multi-process.
+
+    python -m train.dfqf [--arch resnet20] [--weights W] [--wbits 4 --abits 4] [--data-dir D] [--out DIR]
+    torchrun --nproc_per_node N -m train.dfqf ...          (DistributedDataParallel; rank 0 writes)
+
+Stage 1 trains a generator G against the frozen FP teacher T (inception-score, BN-statistics and
+adversarial losses against the student S). Then a synthetic set is drawn from G (kept as uint8, with the
+teacher's logits) and S — the teacher with BN folded and LSQ quantizers inserted — is fine-tuned on it by
+knowledge distillation. `--schedule alternating` instead interleaves G and S updates (DFAD/GDFQ style).
+No real training image is ever used: the data folder is read only to evaluate.
+
+Outputs in --out: config.json, generator.pt, student.pt, metrics.jsonl, report.json, samples.png,
+synthetic.pt, checkpoint.pt (resume with --resume after any interruption, SIGKILL included).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .baselines.dfq import bn_output_stats, input_gaussian, set_ranges_from_stats
+from .baselines.gaussian_stats import propagate
+from .data import image_batches, load_split, resolve_data_dir, subset
+from .dfqf_config import DFQFConfig, resolve
+from .errors import DFQFError, cli_main
+from .evaluate import evaluate_top1
+from .generator import Generator, from_uint8, to_uint8
+from .losses import BNStatsHook, generator_loss, kd_loss
+from .models import get_arch, load_teacher, resolve_weights
+from .models.registry import ArchInfo, sha256_file
+from .ptq import write_json_atomic
+from .quant.calibrate import calibrate_activations, calibrate_weights
+from .quant.convert import QuantConfig, quantize_model
+from .quant.modules import ActQuantizer, WeightQuantizer
+from .run_state import METRICS, MetricsLog, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .samples import CIFAR10_CLASSES, save_sample_grid
+from .student import atomic_torch_save, save_student
+
+LR_FIELDS = {"g_lr", "s_lr", "s_scale_lr"}  # may change on --resume (e.g. after a non-finite loss)
+
+
+# -- set-up -------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(requested: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if requested == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = torch.device(requested).type
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise DFQFError("--device cuda: CUDA is not available on this machine")
+    if world == 1:
+        return Dist(0, 1, torch.device(requested if requested not in ("auto",) else device_type))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    device = torch.device(f"cuda:{local}") if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Dist(rank, world, device)
+
+
+def prepare_out(cfg: DFQFConfig, d: Dist) -> Path:
+    """Create --out (or check it for --resume); refuse to overwrite a finished or different run."""
+    out = Path(cfg.out)
+    saved = out / "config.json"
+    if cfg.resume:
+        if not saved.exists():
+            raise DFQFError(f"--resume: {out} holds no run (no config.json)")
+        old = json.loads(saved.read_text())
+        theirs = {k: v for k, v in old.items() if k in cfg.result_fields() and k not in LR_FIELDS}
+        ours = {k: v for k, v in cfg.result_fields().items() if k not in LR_FIELDS}
+        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        if diff:
+            raise DFQFError(f"--resume: {out} was run with another config (differs in {', '.join(diff)})")
+    elif saved.exists():
+        raise DFQFError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if d.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cfg.to_dict(), saved)
+        except OSError as e:
+            raise DFQFError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    return out
+
+
+def initial_student(teacher: nn.Module, cfg: DFQFConfig, info: ArchInfo) -> fx.GraphModule:
+    """Teacher → BN folded → quantizers; weight ranges by MSE, activation ranges from BN statistics
+    (data-free, DFQ-style) until the synthetic set exists to calibrate on."""
+    student = quantize_model(teacher, QuantConfig(cfg.wbits, cfg.abits, cfg.first_last_bits))
+    calibrate_weights(student, cfg.init_observer)
+    prop = propagate(student, bn_output_stats(teacher), input_gaussian(info.mean, info.std))
+    m, s = torch.tensor(info.mean), torch.tensor(info.std)
+    set_ranges_from_stats(student, prop.at_quantizer, (((0 - m) / s).min(), ((1 - m) / s).max()))
+    return student
+
+
+def student_optimizer(student: nn.Module, cfg: DFQFConfig) -> torch.optim.Optimizer:
+    scales = [p for m in student.modules() if isinstance(m, (ActQuantizer, WeightQuantizer)) for p in m.parameters()]
+    ids = {id(p) for p in scales}
+    weights = [p for p in student.parameters() if id(p) not in ids]
+    return torch.optim.Adam([{"params": weights, "lr": cfg.s_lr}, {"params": scales, "lr": cfg.s_scale_lr}])
+
+
+# -- the run ------------------------------------------------------------------------------------------
+class DFQFRun:
+    def __init__(self, cfg: DFQFConfig, d: Dist) -> None:
+        self.cfg, self.d = cfg, d
+        self.out = prepare_out(cfg, d)
+        self.info = get_arch(cfg.arch)
+        self.weights = resolve_weights(cfg.arch, cfg.weights)
+        self.data_dir = resolve_data_dir(cfg.data_dir) if cfg.data_dir or os.environ.get("DFQF_DATA_DIR") else None
+        torch.manual_seed(cfg.seed)
+        self.teacher = load_teacher(cfg.arch, self.weights).to(d.device)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.generator = Generator(self.info.num_classes, self.info.input_size, self.info.mean, self.info.std,
+                                   latent_dim=cfg.latent_dim, conditional=cfg.conditional).to(d.device)
+        self.student = initial_student(self.teacher, cfg, self.info).to(d.device)
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.g_lr, betas=(0.5, 0.999))
+        self.s_opt = student_optimizer(self.student, cfg)
+        self.s_total = self.student_steps()
+        self.s_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.s_opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, self.s_total) / self.s_total)))
+        self.g_ddp = DDP(self.generator) if d.world > 1 else self.generator
+        self.s_ddp = DDP(self.student) if d.world > 1 else self.student
+        self.stage, self.step = "generator" if cfg.schedule == "two-stage" else "alternating", 0
+        self.synthetic: dict[str, torch.Tensor] | None = None
+        self.images_generated = 0
+        self.wall_before = 0.0  # seconds spent before the last resume
+        keep = self.restore() if cfg.resume else 0  # metrics lines that belong to the restored state
+        self.metrics = MetricsLog(self.out / METRICS, keep) if d.main else None
+        self.started = time.perf_counter()
+
+    def student_steps(self) -> int:
+        c = self.cfg
+        if c.schedule == "alternating":
+            return c.alt_steps * c.alt_s_per_g
+        return c.s_epochs * math.ceil(c.synth_images / self.d.world / c.s_batch)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"stage": self.stage, "step": self.step, "images_generated": self.images_generated,
+                "wall_seconds": self.elapsed(), "metrics_lines": self.metrics.lines if self.metrics else 0,
+                "generator": self.generator.state_dict(), "student": self.student.state_dict(),
+                "g_opt": self.g_opt.state_dict(), "s_opt": self.s_opt.state_dict(),
+                "s_sched": self.s_sched.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict()}
+
+    def checkpoint(self) -> None:
+        if self.d.main:
+            self.metrics.sync()
+            save_checkpoint(self.out, self.state())
+
+    def restore(self) -> int:
+        ck = load_checkpoint(self.out)
+        if ck is None:
+            return 0  # killed before the first checkpoint: start over
+        self.generator.load_state_dict(ck["generator"])
+        self.student.load_state_dict(ck["student"])
+        self.g_opt.load_state_dict(ck["g_opt"])
+        self.s_opt.load_state_dict(ck["s_opt"])
+        self.s_sched.load_state_dict(ck["s_sched"])
+        for group, lr in zip(self.s_opt.param_groups, (self.cfg.s_lr, self.cfg.s_scale_lr)):
+            group["initial_lr"] = lr  # a resume may lower the learning rates
+        for group in self.g_opt.param_groups:
+            group["lr"] = self.cfg.g_lr
+        set_rng_state(ck["rng"])
+        self.stage, self.step = ck["stage"], ck["step"]
+        self.images_generated, self.wall_before = ck["images_generated"], ck["wall_seconds"]
+        self.log(f"resumed at stage {self.stage}, step {self.step}")
+        return ck["metrics_lines"]
+
+    def elapsed(self) -> float:
+        return self.wall_before + time.perf_counter() - getattr(self, "started", time.perf_counter())
+
+    def log(self, msg: str) -> None:
+        if self.d.main:
+            print(f"[dfqf] {msg}", file=sys.stderr, flush=True)
+
+    def record(self, stage: str, terms: dict[str, float]) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"stage": stage, "step": self.step, "time": round(self.elapsed(), 2), **terms})
+
+    def check_finite(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
+        if not torch.isfinite(loss):
+            self.checkpoint()  # the state before this step is still good
+            raise DFQFError(f"non-finite {self.stage} loss at step {self.step} ({terms}); the last good state is "
+                            f"checkpointed in {self.out}: rerun with --resume and a lower --g-lr/--s-lr")
+
+    def progress(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, initial=self.step, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                    disable=not (self.d.main and self.cfg.progress))
+
+    # -- stage 1 and alternating G updates ---------------------------------------------------------
+    def sample(self, n: int, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 97 + self.d.rank + seed_offset)
+        z, labels = self.generator.sample_inputs(n, generator=g)
+        return z.to(self.d.device), labels.to(self.d.device)
+
+    def generator_step(self) -> dict[str, float]:
+        self.generator.train()
+        self.student.eval()
+        z, labels = self.sample(self.cfg.g_batch)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and self.d.device.type == "cuda")
+        with BNStatsHook(self.teacher) as hook, amp:
+            x = self.g_ddp(z, labels if self.cfg.conditional else None)
+            t_logits = self.teacher(x)
+            s_logits = self.student_logits_for_generator(x) if self.cfg.w_adv > 0 else None
+            loss, terms = generator_loss(self.cfg.loss_weights(), t_logits.float(),
+                                         None if s_logits is None else s_logits.float(), hook, labels)
+        self.check_finite(loss, terms)
+        self.g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.g_opt.step()
+        return terms
+
+    def student_logits_for_generator(self, x: torch.Tensor) -> torch.Tensor:
+        """S's logits with gradients to the images only (S is not updated by the generator loss)."""
+        params = list(self.student.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.student(x)
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+
+    def train_generator(self) -> None:
+        bar = self.progress(self.cfg.g_steps, "stage 1: generator")
+        while self.step < self.cfg.g_steps:
+            terms = self.generator_step()
+            self.images_generated += self.cfg.g_batch * self.d.world
+            self.step += 1
+            self.record("generator", terms)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
+            if self.step % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
+        bar.close()
+
+    # -- synthetic set --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self) -> dict[str, torch.Tensor]:
+        """Draw the frozen synthetic set (same on every rank: seeded), kept as uint8 with teacher logits."""
+        path = self.out / "synthetic.pt"
+        if path.exists() and self.stage == "student":
+            return torch.load(path, map_location="cpu", weights_only=True)
+        self.generator.train()  # BN with batch statistics, as during training
+        g = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        images, labels, logits = [], [], []
+        for start in range(0, self.cfg.synth_images, self.cfg.g_batch):
+            n = min(self.cfg.g_batch, self.cfg.synth_images - start)
+            z, y = self.generator.sample_inputs(n, generator=g)
+            u8 = to_uint8(self.generator.pixels(z.to(self.d.device), y.to(self.d.device)
+                                                if self.cfg.conditional else None))
+            x = from_uint8(u8, self.info.mean, self.info.std).to(self.d.device)
+            images.append(u8.cpu())
+            labels.append(y)
+            logits.append(self.teacher(x).float().cpu())
+        synthetic = {"images": torch.cat(images), "labels": torch.cat(labels), "teacher_logits": torch.cat(logits)}
+        self.images_generated += self.cfg.synth_images
+        if self.d.main:
+            atomic_torch_save(synthetic, path)
+        return synthetic
+
+    def calibrate_on_synthetic(self, synthetic: dict[str, torch.Tensor]) -> None:
+        """Activation ranges from the synthetic images (MSE observer), before fine-tuning starts."""
+        x = from_uint8(synthetic["images"][:1024], self.info.mean, self.info.std).to(self.d.device)
+        calibrate_activations(self.student, list(x.split(self.cfg.s_batch)), self.cfg.init_observer)
+
+    # -- stage 2 --------------------------------------------------------------------------------------
+    def batches(self, synthetic: dict[str, torch.Tensor], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shard of a seeded permutation of the synthetic set."""
+        n = len(synthetic["images"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+        order = order[self.d.rank::self.d.world]
+        for start in range(0, len(order), self.cfg.s_batch):
+            idx = order[start:start + self.cfg.s_batch]
+            x = from_uint8(synthetic["images"][idx], self.info.mean, self.info.std).to(self.d.device)
+            yield x, synthetic["teacher_logits"][idx].to(self.d.device)
+
+    def student_step(self, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str, float]:
+        self.student.train()
+        loss = kd_loss(self.s_ddp(x), t_logits, self.cfg.temperature)
+        terms = {"kd": loss.item(), "lr": self.s_sched.get_last_lr()[0]}
+        self.check_finite(loss, terms)
+        self.s_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.s_opt.step()
+        self.s_sched.step()
+        return terms
+
+    def train_student(self, synthetic: dict[str, torch.Tensor]) -> None:
+        per_epoch = math.ceil(math.ceil(len(synthetic["images"]) / self.d.world) / self.cfg.s_batch)
+        bar = self.progress(self.s_total, "stage 2: student")
+        while self.step < self.s_total:
+            epoch, skip = divmod(self.step, per_epoch)
+            for i, (x, t_logits) in enumerate(self.batches(synthetic, epoch)):
+                if i < skip:
+                    continue  # resumed mid-epoch: these batches were done before the interruption
+                self.after_student_step(self.student_step(x, t_logits), bar)
+                if self.step >= self.s_total:
+                    break
+        bar.close()
+
+    def after_student_step(self, terms: dict[str, float], bar: tqdm) -> None:
+        self.step += 1
+        if self.step % self.cfg.eval_every == 0 and self.data_dir is not None and self.d.main:
+            terms["eval_top1"] = round(self.evaluate(self.student, self.cfg.eval_limit), 2)
+        self.record(self.stage, terms)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
+        if self.step % self.cfg.checkpoint_every == 0:
+            self.checkpoint()
+
+    # -- alternating schedule -------------------------------------------------------------------------
+    def train_alternating(self) -> None:
+        bar = self.progress(self.cfg.alt_steps, "alternating G/S")
+        while self.step < self.cfg.alt_steps:
+            terms = {f"g_{k}": v for k, v in self.generator_step().items()}
+            for _ in range(self.cfg.alt_s_per_g):
+                with torch.no_grad():
+                    self.generator.train()
+                    z, labels = self.sample(self.cfg.s_batch, seed_offset=1)
+                    x = self.generator(z, labels if self.cfg.conditional else None)
+                    t_logits = self.teacher(x)
+                self.images_generated += (self.cfg.g_batch + self.cfg.s_batch) * self.d.world
+                terms.update(self.student_step(x, t_logits))
+            self.after_student_step(terms, bar)
+        bar.close()
+
+    # -- evaluation and outputs -----------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, limit: int | None) -> float:
+        x, y = load_split(self.data_dir, self.info.dataset, self.cfg.split)
+        if limit is not None:
+            x, y = subset(x, y, limit, self.cfg.seed)
+        top1, _ = evaluate_top1(model, image_batches(x, y, self.info.mean, self.info.std, 500), self.d.device)
+        return top1
+
+    def run(self) -> dict[str, Any] | None:
+        c = self.cfg
+        if self.stage == "done":  # resumed after training finished: only the outputs are missing
+            return self.finish() if self.d.main else None
+        if c.schedule == "two-stage":
+            if self.stage == "generator":
+                self.train_generator()
+                self.synthetic = self.synthesize()
+                self.calibrate_on_synthetic(self.synthetic)
+                self.stage, self.step = "student", 0
+                self.checkpoint()
+            self.synthetic = self.synthetic or self.synthesize()
+            self.train_student(self.synthetic)
+        else:
+            self.train_alternating()
+        self.stage = "done"
+        self.checkpoint()
+        return self.finish() if self.d.main else None
+
+    def finish(self) -> dict[str, Any]:
+        c = self.cfg
+        self.metrics.sync()
+        atomic_torch_save({"state_dict": self.generator.state_dict(), "num_classes": self.info.num_classes,
+                           "image_size": list(self.info.input_size), "mean": list(self.info.mean),
+                           "std": list(self.info.std), "latent_dim": c.latent_dim, "conditional": c.conditional},
+                          self.out / "generator.pt")
+        meta = {"teacher": str(self.weights) if self.weights else None,
+                "teacher_sha256": sha256_file(self.weights) if self.weights else None,
+                "torch": str(torch.__version__), "seed": c.seed, "schedule": c.schedule}
+        save_student(self.out / "student.pt", self.student.cpu(), c.arch, self.info.num_classes,
+                     QuantConfig(c.wbits, c.abits, c.first_last_bits), "dfqf", True, meta)
+        self.student.to(self.d.device)
+        self.write_samples()
+        report: dict[str, Any] = {
+            "method": "dfqf", "data_free": True, "arch": c.arch, "wbits": c.wbits, "abits": c.abits,
+            "first_last_bits": c.first_last_bits, "schedule": c.schedule, "wall_seconds": round(self.elapsed(), 1),
+            "generator_steps": c.g_steps if c.schedule == "two-stage" else c.alt_steps, "student_steps": self.s_total,
+            "images_generated": self.images_generated, "world_size": self.d.world, "device": str(self.d.device),
+            **meta,
+        }
+        if self.data_dir is not None and self.info.dataset in ("cifar10", "cifar100"):
+            report["split"] = c.split
+            report["fp_top1"] = round(self.evaluate(self.teacher, None), 2)
+            report["fakequant_top1"] = round(self.evaluate(self.student, None), 2)
+        write_json_atomic(report, self.out / "report.json")
+        return report
+
+    @torch.no_grad()
+    def write_samples(self) -> None:
+        self.generator.train()
+        per_class = 8
+        k = min(self.info.num_classes, 10)
+        labels = torch.arange(k).repeat_interleave(per_class)
+        z = torch.randn(len(labels), self.cfg.latent_dim, generator=torch.Generator().manual_seed(self.cfg.seed))
+        pixels = self.generator.pixels(z.to(self.d.device), labels.to(self.d.device) if self.cfg.conditional else None)
+        predicted = self.teacher(self.generator.normalize(pixels)).argmax(1).cpu()
+        names = CIFAR10_CLASSES if self.info.dataset == "cifar10" else None
+        save_sample_grid(self.out / "samples.png", pixels.cpu(), labels, predicted, names, per_class)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    cfg = resolve(argv)
+    d = setup_distributed(cfg.device)
+    try:
+        report = DFQFRun(cfg, d).run()
+        if report is not None:
+            print(json.dumps(report))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Generator G: noise (+ class label) → image at the teacher's input size and normalization.
+
+DCGAN-style: a linear layer to a base_channels × init × init map, then [upsample ×2 → conv3x3 → BN →
+LeakyReLU] stages (channels halve, never below 32) up to the teacher's resolution, a conv to RGB and a
+sigmoid, so G's raw output is a valid image in [0, 1] that can be stored as uint8; `forward` applies the
+teacher's normalization. 32×32 starts at 4×4 (3 stages); 224×224 at 7×7 (5 stages).
+Every BatchNorm2d has the default eps=1e-5 (the GDFQ family's `BatchNorm2d(C, 0.8)` sets eps=0.8).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def _init_size(height: int) -> int:
+    for init in (4, 7):
+        k = math.log2(height / init) if height >= init else -1
+        if k >= 1 and k == int(k):
+            return init
+    raise ValueError(f"generator image size must be 4·2^k or 7·2^k (k >= 1), got {height}")
+
+
+class Generator(nn.Module):
+    def __init__(self, num_classes: int, image_size: tuple[int, int, int], mean: Sequence[float],
+                 std: Sequence[float], latent_dim: int = 256, base_channels: int = 128, conditional: bool = True) -> None:
+        super().__init__()
+        channels, height, width = image_size
+        if height != width:
+            raise ValueError(f"generator images must be square, got {height}x{width}")
+        self.num_classes, self.latent_dim, self.conditional = num_classes, latent_dim, conditional
+        self.init = _init_size(height)
+        self.embed = nn.Embedding(num_classes, latent_dim) if conditional else None
+        self.project = nn.Linear(latent_dim, base_channels * self.init**2)
+        self.base_channels = base_channels
+        layers: list[nn.Module] = [nn.BatchNorm2d(base_channels)]
+        c = base_channels
+        for _ in range(int(math.log2(height // self.init))):
+            nxt = max(c // 2, 32) if c > 32 else c
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, nxt, 3, 1, 1, bias=False), nn.BatchNorm2d(nxt),
+                       nn.LeakyReLU(0.2)]
+            c = nxt
+        layers += [nn.Conv2d(c, channels, 3, 1, 1), nn.Sigmoid()]
+        self.body = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def pixels(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1], [N, C, H, W]."""
+        if self.conditional:
+            if labels is None:
+                raise ValueError("a conditional generator needs labels")
+            z = z * self.embed(labels)
+        h = self.project(z).view(z.shape[0], self.base_channels, self.init, self.init)
+        return self.body(h)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.normalize(self.pixels(z, labels))
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z ~ N(0, I) and class labels balanced over the classes (shuffled)."""
+        z = torch.randn(n, self.latent_dim, generator=generator)
+        labels = (torch.arange(n) % self.num_classes)[torch.randperm(n, generator=generator)]
+        return z.to(device or "cpu"), labels.to(device or "cpu")
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] images in [0, 1] → uint8 [N, H, W, C] (round half up), the on-disk synthetic format."""
+    return torch.floor(pixels.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def from_uint8(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [N, H, W, C] → normalized float [N, C, H, W] (what the teacher and student consume)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (u8.permute(0, 3, 1, 2).to(torch.float32) / 255 - m) / s
