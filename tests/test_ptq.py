@@ -12,7 +12,8 @@ import torch
 
 from train.baselines.dfq import bn_output_stats, correct_bias, cross_layer_equalize, equalization_pairs
 from train.baselines.gaussian_stats import Gaussian, relu_moments
-from train.baselines.zeroq import BNStatsLoss, distill_images
+from train.baselines.zeroq import distill_images
+from train.losses import BNStatsHook
 from train.models import build_model
 from train.models.tiny import TinyNet
 from train.ptq import main as ptq_main
@@ -79,12 +80,12 @@ def test_zeroq_distillation_lowers_bn_statistics_loss() -> None:
     teacher = TinyNet().eval()
     noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     distilled = distill_images(teacher, 16, (3, 16, 16), iterations=30, lr=0.1, batch_size=16)
-    loss = BNStatsLoss(teacher)
+    loss = BNStatsHook(teacher)
     with torch.no_grad():
         teacher(noise)
-        before = loss.pop().item()
+        before = loss.loss("zeroq").item()
         teacher(distilled)
-        after = loss.pop().item()
+        after = loss.loss("zeroq").item()
     loss.remove()
     assert after < 0.5 * before
     assert all(p.requires_grad for p in teacher.parameters()), "teacher parameters are restored"

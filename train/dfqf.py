@@ -368,6 +368,9 @@ class DFQFRun:
                 self.train_generator()
                 self.synthetic = self.synthesize()
                 self.calibrate_on_synthetic(self.synthetic)
+                if self.data_dir is not None and self.d.main:  # the starting point of fine-tuning
+                    self.step = 1
+                    self.record("calibrated", {"eval_top1": round(self.evaluate(self.student, self.cfg.eval_limit), 2)})
                 self.stage, self.step = "student", 0
                 self.checkpoint()
             self.synthetic = self.synthetic or self.synthesize()

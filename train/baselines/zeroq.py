@@ -9,32 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class BNStatsLoss:
-    """Forward hooks on every BatchNorm2d: sum of ||mu_batch - mu||^2 / C + ||sigma_batch - sigma||^2 / C."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.terms: list[torch.Tensor] = []
-        self.hooks = [m.register_forward_pre_hook(self._hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not self.hooks:
-            raise ValueError("the model has no BatchNorm2d layer to take statistics from")
-
-    def _hook(self, bn: nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
-        mean = x.mean(dim=(0, 2, 3))
-        std = torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + bn.eps)
-        c = x.shape[1]
-        self.terms.append(((mean - bn.running_mean) ** 2).sum() / c
-                          + ((std - torch.sqrt(bn.running_var + bn.eps)) ** 2).sum() / c)
-
-    def pop(self) -> torch.Tensor:
-        loss = torch.stack(self.terms).sum()
-        self.terms = []
-        return loss
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+from ..losses import BNStatsHook
 
 
 def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int], iterations: int = 500,
@@ -44,7 +19,7 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
     for p in teacher.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = BNStatsLoss(teacher)
+    loss_fn = BNStatsHook(teacher)
     out = []
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # callers may hold torch.no_grad(); the images need gradients
@@ -57,7 +32,8 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
                 opt.zero_grad(set_to_none=True)
                 teacher(x)
                 input_term = (x.mean(dim=(0, 2, 3)) ** 2).mean() + ((x.std(dim=(0, 2, 3)) - 1) ** 2).mean()
-                loss = loss_fn.pop() + input_term
+                # summed over BN layers (ZeroQ), the hook averages them
+                loss = loss_fn.loss("zeroq") * len(loss_fn.hooks) + input_term
                 loss.backward()
                 opt.step()
                 sched.step(loss.item())
