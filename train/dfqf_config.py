@@ -33,19 +33,19 @@ class DFQFConfig:
     # stage 1: generator
     latent_dim: int = 256
     conditional: bool = True
-    g_steps: int = 1500
+    g_steps: int = 1000
     g_batch: int = 128
-    g_lr: float = 1e-3
+    g_lr: float = 5e-3
     w_inception: float = 1.0
-    w_balance: float = 40.0
-    w_bn: float = 0.1
+    w_balance: float = 5.0
+    w_bn: float = 10.0
     bn_kind: str = "kl"
-    w_adv: float = 5.0
+    w_adv: float = 0.0
     adv_kind: str = "kl"
-    w_ce: float = 0.0
+    w_ce: float = 1.0
     # stage 2: quantization-aware distillation of the student
     synth_images: int = 25600
-    s_epochs: int = 10
+    s_epochs: int = 20
     s_batch: int = 128
     s_lr: float = 1e-4
     s_scale_lr: float = 1e-4
