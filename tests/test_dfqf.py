@@ -39,7 +39,8 @@ def assert_contiguous(records: list[dict]) -> None:
 @pytest.mark.parametrize("schedule", ["two-stage", "alternating"])
 def test_smoke_run_writes_every_output(schedule: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_dfqf(*TINY, "--schedule", schedule, "--out", str(out))
+    # the adversarial term is off by default (two-stage); exercise it here
+    r = run_dfqf(*TINY, "--schedule", schedule, "--w-adv", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report == json.loads((out / "report.json").read_text())
@@ -54,12 +55,12 @@ def test_smoke_run_writes_every_output(schedule: str, tmp_path: Path) -> None:
     assert_contiguous(records)
     if schedule == "two-stage":
         assert [r["stage"] for r in records].count("generator") == 4
-        assert {"is", "bn", "adv", "total"} <= set(records[0])
+        assert {"is", "bn", "adv", "ce", "total"} <= set(records[0])
         assert "kd" in records[-1]
         synthetic = torch.load(out / "synthetic.pt", weights_only=True)
         assert synthetic["images"].dtype == torch.uint8 and len(synthetic["images"]) == 64
     else:
-        assert {"g_total", "kd"} <= set(records[-1])
+        assert {"g_total", "g_adv", "kd"} <= set(records[-1])
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -115,6 +116,9 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     (["--out", "/proc/forbidden/run"], "cannot write"),
     (["--resume"], "holds no run"),
     (["--config", "/nonexistent.json"], "cannot read --config"),
+    (["--device", "tpu9"], "--device"),
+    (["--init-observer", "p99"], "init_observer"),
+    (["--weights", "/nonexistent.pt"], "not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
     if "--out" not in argv:

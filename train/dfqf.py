@@ -68,7 +68,10 @@ def setup_distributed(requested: str) -> Dist:
     if requested == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        device_type = torch.device(requested).type
+        try:
+            device_type = torch.device(requested).type
+        except RuntimeError:
+            raise DFQFError(f"unknown --device {requested!r} (auto, cpu, cuda, cuda:N)") from None
         if device_type == "cuda" and not torch.cuda.is_available():
             raise DFQFError("--device cuda: CUDA is not available on this machine")
     if world == 1:
@@ -127,10 +130,11 @@ def student_optimizer(student: nn.Module, cfg: DFQFConfig) -> torch.optim.Optimi
 class DFQFRun:
     def __init__(self, cfg: DFQFConfig, d: Dist) -> None:
         self.cfg, self.d = cfg, d
-        self.out = prepare_out(cfg, d)
+        # check every input before the output folder is created
         self.info = get_arch(cfg.arch)
         self.weights = resolve_weights(cfg.arch, cfg.weights)
         self.data_dir = resolve_data_dir(cfg.data_dir) if cfg.data_dir or os.environ.get("DFQF_DATA_DIR") else None
+        self.out = prepare_out(cfg, d)
         torch.manual_seed(cfg.seed)
         self.teacher = load_teacher(cfg.arch, self.weights).to(d.device)
         for p in self.teacher.parameters():

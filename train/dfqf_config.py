@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import CLIParser, DFQFError, bits_int
 from .losses import GeneratorLossWeights
+from .quant.calibrate import OBSERVERS
 
 SCHEDULES = ("two-stage", "alternating")
 RUNTIME_ONLY = {"out", "resume", "device", "data_dir", "eval_every", "eval_limit", "checkpoint_every", "split",
@@ -80,6 +81,8 @@ class DFQFConfig:
         for name in ("g_lr", "s_lr", "s_scale_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise DFQFError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.init_observer not in OBSERVERS:
+            raise DFQFError(f"init_observer must be one of {', '.join(OBSERVERS)}, got {self.init_observer!r}")
         try:
             self.loss_weights()
         except ValueError as e:
@@ -115,19 +118,18 @@ def parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="python -m train.dfqf", argument_default=argparse.SUPPRESS,
                   description="Data-free quantization-aware fine-tuning (DFQF) of a CNN teacher.")
     p.add_argument("--config", help="JSON file with any of the fields below (flags override it)")
-    types = {int: int, float: float, str: str, bool: _bool}
+    scalar = {"int": int, "float": float, "str": str}
     for f in fields(DFQFConfig):
         flag = "--" + f.name.replace("_", "-")
+        base = str(f.type).split(" |")[0]  # "int | None" -> "int" (annotations are strings here)
         if f.name in ("wbits", "abits", "first_last_bits"):
             p.add_argument(flag, type=bits_int, help=f"bits 2..8 (default {f.default})")
         elif f.name in ("resume", "smoke"):
-            p.add_argument(flag, action="store_true", help=f"{f.name} (flag)")
-        elif f.type in ("bool",):
+            p.add_argument(flag, action="store_true")
+        elif base == "bool":
             p.add_argument(flag, type=_bool, metavar="BOOL", help=f"(default {f.default})")
         else:
-            base = f.type.split(" |")[0] if isinstance(f.type, str) else "str"
-            p.add_argument(flag, type=types.get({"int": int, "float": float, "str": str}.get(base, str), str),
-                           help=f"(default {f.default})")
+            p.add_argument(flag, type=scalar[base], help=f"(default {f.default})")
     return p
 
 
