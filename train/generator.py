@@ -8,7 +8,6 @@ Every BatchNorm2d has the default eps=1e-5 (the GDFQ family's `BatchNorm2d(C, 0.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -16,16 +15,18 @@ from torch import nn
 
 
 def _init_size(height: int) -> int:
+    """The start resolution: 4 for 4·2^k images (32×32), 7 for 7·2^k (224×224), k >= 1."""
     for init in (4, 7):
-        k = math.log2(height / init) if height >= init else -1
-        if k >= 1 and k == int(k):
+        q, r = divmod(height, init)
+        if r == 0 and q >= 2 and q & (q - 1) == 0:
             return init
     raise ValueError(f"generator image size must be 4·2^k or 7·2^k (k >= 1), got {height}")
 
 
 class Generator(nn.Module):
     def __init__(self, num_classes: int, image_size: tuple[int, int, int], mean: Sequence[float],
-                 std: Sequence[float], latent_dim: int = 256, base_channels: int = 128, conditional: bool = True) -> None:
+                 std: Sequence[float], latent_dim: int = 256, base_channels: int = 128,
+                 conditional: bool = True) -> None:
         super().__init__()
         channels, height, width = image_size
         if height != width:
@@ -37,12 +38,12 @@ class Generator(nn.Module):
         self.base_channels = base_channels
         layers: list[nn.Module] = [nn.BatchNorm2d(base_channels)]
         c = base_channels
-        for _ in range(int(math.log2(height // self.init))):
+        for _ in range((height // self.init).bit_length() - 1):  # log2(H / init) stages
             nxt = max(c // 2, 32) if c > 32 else c
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, nxt, 3, 1, 1, bias=False), nn.BatchNorm2d(nxt),
                        nn.LeakyReLU(0.2)]
             c = nxt
-        layers += [nn.Conv2d(c, channels, 3, 1, 1), nn.Sigmoid()]
+        layers.append(nn.Conv2d(c, channels, 3, 1, 1))
         self.body = nn.Sequential(*layers)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -53,29 +54,41 @@ class Generator(nn.Module):
             if labels is None:
                 raise ValueError("a conditional generator needs labels")
             z = z * self.embed(labels)
-        h = self.project(z).view(z.shape[0], self.base_channels, self.init, self.init)
-        return self.body(h)
+        h = self.body(self.project(z).view(z.shape[0], self.base_channels, self.init, self.init))
+        # sigmoid in (at least) fp32: under bf16 autocast its output would be coarser than 1/255 near 1
+        return torch.sigmoid(h.to(torch.promote_types(h.dtype, torch.float32)))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels → the teacher's input space, (pixels − mean) / std."""
         return (pixels - self.mean) / self.std
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize`."""
         return x * self.std + self.mean
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized images [N, C, H, W]; `labels` [N] are required iff the generator is conditional."""
         return self.normalize(self.pixels(z, labels))
 
     def sample_inputs(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z ~ N(0, I) and class labels balanced over the classes (shuffled)."""
-        z = torch.randn(n, self.latent_dim, generator=generator)
-        labels = (torch.arange(n) % self.num_classes)[torch.randperm(n, generator=generator)]
-        return z.to(device or "cpu"), labels.to(device or "cpu")
+        """z ~ N(0, I) [n, latent_dim] and labels [n], balanced over the classes (arange % classes, shuffled).
+
+        Drawn on `generator`'s device (CPU without one), so a seed gives the same inputs on every machine,
+        then moved to `device` (default: left where they were drawn)."""
+        where = generator.device if generator is not None else torch.device("cpu")
+        z = torch.randn(n, self.latent_dim, generator=generator, device=where)
+        order = torch.randperm(n, generator=generator, device=where)
+        labels = (torch.arange(n, device=where) % self.num_classes)[order]
+        device = where if device is None else device
+        return z.to(device), labels.to(device)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] images in [0, 1] → uint8 [N, H, W, C] (round half up), the on-disk synthetic format."""
-    return torch.floor(pixels.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    """[N, C, H, W] images in [0, 1] → uint8 [N, H, W, C] on the CPU, round half up (the on-disk synthetic
+    format): e.g. 0.5 → floor(127.5 + 0.5) = 128. `from_uint8` of the result is what the student sees."""
+    u8 = torch.floor(pixels.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).contiguous().cpu()
 
 
 def from_uint8(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

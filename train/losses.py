@@ -27,41 +27,49 @@ def inception_score_loss(logits: torch.Tensor, balance_weight: float = 40.0) -> 
 
 
 class BNStatsHook:
-    """Records, at every BatchNorm2d of a model, the batch mean/variance of its input; `loss` compares them
-    with the stored running statistics. Use as a context manager or call `remove()`."""
+    """Records, at every BatchNorm2d of a model, the batch mean/variance (biased) of its input together with the
+    layer's running statistics; `loss` compares them. Use as a context manager or call `remove()`.
+
+    Layers built with track_running_stats=False have nothing to compare with and are skipped. The running
+    statistics are copied when the layer runs, so a model in train mode is compared with the statistics it
+    had before this batch updated them.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.records: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]] = []
+        self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []
         self.hooks = [m.register_forward_pre_hook(self._record) for m in model.modules()
-                      if isinstance(m, nn.BatchNorm2d)]
+                      if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
         if not self.hooks:
-            raise ValueError("the model has no BatchNorm2d layer to take statistics from")
+            raise ValueError("the model has no BatchNorm2d layer with running statistics to compare with")
 
     def _record(self, bn: nn.BatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].float()
-        self.records.append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), bn))
+        self.records.append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False),
+                             bn.running_mean.detach().float().clone(), bn.running_var.detach().float().clone(), bn.eps))
 
     def loss(self, kind: str = "mse") -> torch.Tensor:
         """Mean over recorded layers of the distance between batch and running statistics; clears records.
 
         mse:   ||mu_b − mu||²/C + ||var_b − var||²/C (GDFQ)
-        kl:    mean_c KL(N(mu_b, var_b) ‖ N(mu, var)) (DFQF's Gaussian distance)
+        kl:    mean_c KL(N(mu_b, var_b) ‖ N(mu, var))
+                 = log(sigma/sigma_b) + (var_b + (mu_b − mu)²)/(2 var) − 1/2 (DFQF), with eps added to both
+               variances (as BN does) so that a constant channel stays finite
         zeroq: ||mu_b − mu||²/C + ||std_b − std||²/C, std = sqrt(var + eps) (ZeroQ)
+        E.g. one channel, mu_b = 1, var_b = 1, mu = 0, var = 1, eps = 0: mse 1, kl 0.5, zeroq 1.
         """
         if kind not in BN_KINDS:
             raise ValueError(f"unknown BN-statistics loss {kind!r}; supported: {', '.join(BN_KINDS)}")
         if not self.records:
             raise ValueError("no BatchNorm2d input was recorded: run the model first")
         terms = []
-        for mu_b, var_b, bn in self.records:
-            mu, var = bn.running_mean.float(), bn.running_var.float()
+        for mu_b, var_b, mu, var, eps in self.records:
             if kind == "mse":
                 terms.append(((mu_b - mu) ** 2).mean() + ((var_b - var) ** 2).mean())
             elif kind == "zeroq":
-                std_b, std = torch.sqrt(var_b + bn.eps), torch.sqrt(var + bn.eps)
+                std_b, std = torch.sqrt(var_b + eps), torch.sqrt(var + eps)
                 terms.append(((mu_b - mu) ** 2).mean() + ((std_b - std) ** 2).mean())
             else:
-                var_b, var = var_b + bn.eps, var + bn.eps
+                var_b, var = var_b + eps, var + eps
                 kl = 0.5 * torch.log(var / var_b) + (var_b + (mu_b - mu) ** 2) / (2 * var) - 0.5
                 terms.append(kl.mean())
         self.clear()
@@ -125,26 +133,31 @@ class GeneratorLossWeights:
         if self.bn_kind not in BN_KINDS:
             raise ValueError(f"bn_kind must be one of {', '.join(BN_KINDS)}, got {self.bn_kind!r}")
         if self.adversarial_kind not in ADV_KINDS:
-            raise ValueError(f"adv_kind must be one of {', '.join(ADV_KINDS)}, got {self.adversarial_kind!r}")
+            raise ValueError(f"adversarial_kind must be one of {', '.join(ADV_KINDS)}, got {self.adversarial_kind!r}")
 
 
 def generator_loss(weights: GeneratorLossWeights, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
                    bn_hook: BNStatsHook, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the enabled terms, and each term's value (keys is, bn, adv, ce, total)."""
+    """Weighted sum of the enabled terms, and each computed term's unweighted value.
+
+    Keys: "is", "bn", "adv", "ce" for the terms that were computed (a weight of 0, or no student logits /
+    labels, leaves a term out of both the graph and the dict), and "total". `bn_hook` is always cleared.
+    """
     total = teacher_logits.new_zeros(())
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
     if weights.inception > 0:
-        t = inception_score_loss(teacher_logits, weights.balance)
-        total, terms["is"] = total + weights.inception * t, t.item()
+        terms["is"] = inception_score_loss(teacher_logits, weights.balance)
+        total = total + weights.inception * terms["is"]
     if weights.bn > 0:
-        t = bn_hook.loss(weights.bn_kind)
-        total, terms["bn"] = total + weights.bn * t, t.item()
+        terms["bn"] = bn_hook.loss(weights.bn_kind)
+        total = total + weights.bn * terms["bn"]
     bn_hook.clear()
     if weights.adversarial > 0 and student_logits is not None:
-        t = adversarial_loss(teacher_logits, student_logits, weights.adversarial_kind)
-        total, terms["adv"] = total + weights.adversarial * t, t.item()
+        terms["adv"] = adversarial_loss(teacher_logits, student_logits, weights.adversarial_kind)
+        total = total + weights.adversarial * terms["adv"]
     if weights.ce > 0 and labels is not None:
-        t = F.cross_entropy(teacher_logits, labels)
-        total, terms["ce"] = total + weights.ce * t, t.item()
-    terms["total"] = total.item()
-    return total, terms
+        terms["ce"] = F.cross_entropy(teacher_logits, labels)
+        total = total + weights.ce * terms["ce"]
+    terms["total"] = total
+    values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one device sync, not five
+    return total, dict(zip(terms, values))

@@ -19,7 +19,7 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
     for p in teacher.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = BNStatsHook(teacher)
+    bn_stats = BNStatsHook(teacher)
     out = []
     grad_mode = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # callers may hold torch.no_grad(); the images need gradients
@@ -32,8 +32,9 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
                 opt.zero_grad(set_to_none=True)
                 teacher(x)
                 input_term = (x.mean(dim=(0, 2, 3)) ** 2).mean() + ((x.std(dim=(0, 2, 3)) - 1) ** 2).mean()
-                # summed over BN layers (ZeroQ), the hook averages them
-                loss = loss_fn.loss("zeroq") * len(loss_fn.hooks) + input_term
+                # ZeroQ sums over BN layers; the hook averages over the layers it recorded (and clears them)
+                layers = len(bn_stats.records)
+                loss = bn_stats.loss("zeroq") * layers + input_term
                 loss.backward()
                 opt.step()
                 sched.step(loss.item())
@@ -42,7 +43,7 @@ def distill_images(teacher: nn.Module, n: int, input_size: tuple[int, int, int],
             out.append(x.detach())
     finally:
         torch.set_grad_enabled(grad_mode)
-        loss_fn.remove()
+        bn_stats.remove()
         for p in teacher.parameters():
             p.requires_grad_(True)
     return torch.cat(out)
