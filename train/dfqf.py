@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -124,6 +125,17 @@ def student_optimizer(student: nn.Module, cfg: DFQFConfig) -> torch.optim.Optimi
     ids = {id(p) for p in scales}
     weights = [p for p in student.parameters() if id(p) not in ids]
     return torch.optim.Adam([{"params": weights, "lr": cfg.s_lr}, {"params": scales, "lr": cfg.s_scale_lr}])
+
+
+def flip_and_shift(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation on a batch: random horizontal flip, then a random crop of the
+    reflection-padded image (a shift of up to `pad` pixels), drawn per image from `g`."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=g).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -303,7 +315,14 @@ class DFQFRun:
         for start in range(0, len(order), self.cfg.s_batch):
             idx = order[start:start + self.cfg.s_batch]
             x = from_uint8(synthetic["images"][idx], self.info.mean, self.info.std).to(self.d.device)
-            yield x, synthetic["teacher_logits"][idx].to(self.d.device)
+            if not self.cfg.s_augment:
+                yield x, synthetic["teacher_logits"][idx].to(self.d.device)
+                continue
+            # a new view of each image every epoch; its teacher logits must then be computed live
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch * 1_000_003 + start)
+            x = flip_and_shift(x, g).to(self.d.device)
+            with torch.no_grad():
+                yield x, self.teacher(x).float()
 
     def student_step(self, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str, float]:
         self.student.train()

@@ -51,6 +51,7 @@ class DFQFConfig:
     s_lr: float = 1e-4
     s_scale_lr: float = 1e-4
     temperature: float = 4.0
+    s_augment: bool = False  # random flip + shift of the synthetic images, teacher logits computed live
     init_observer: str = "mse"
     # alternating schedule: S steps per G step, total steps
     alt_steps: int = 3000
