@@ -155,3 +155,24 @@ def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path: Path) -> No
         pytest.skip("this seed did not diverge with a huge learning rate")
     assert r.returncode == 2 and "non-finite" in r.stderr.strip().splitlines()[-1]
     assert (out / "checkpoint.pt").exists()
+
+
+def test_flip_and_shift_gives_flipped_windows_of_the_padded_image() -> None:
+    import torch.nn.functional as F
+
+    from train.dfqf import flip_and_shift
+
+    x = torch.randn(6, 3, 8, 8)
+    a = flip_and_shift(x, torch.Generator().manual_seed(5), pad=2)
+    b = flip_and_shift(x, torch.Generator().manual_seed(5), pad=2)
+    assert torch.equal(a, b) and a.shape == x.shape
+    for i in range(len(x)):
+        views = [F.pad(v[None], (2, 2, 2, 2), mode="reflect")[0] for v in (x[i], x[i].flip(2))]
+        windows = [p[:, dy:dy + 8, dx:dx + 8] for p in views for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(a[i], w) for w in windows)
+
+
+def test_smoke_run_with_augmentation(tmp_path: Path) -> None:
+    r = run_dfqf(*TINY, "--s-augment", "true", "--out", str(tmp_path / "aug"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kd" in metrics(tmp_path / "aug")[-1]

@@ -322,7 +322,8 @@ class DFQFRun:
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch * 1_000_003 + start)
             x = flip_and_shift(x, g).to(self.d.device)
             with torch.no_grad():
-                yield x, self.teacher(x).float()
+                t_logits = self.teacher(x).float()
+            yield x, t_logits  # outside no_grad: the consumer trains on this batch
 
     def student_step(self, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str, float]:
         self.student.train()
