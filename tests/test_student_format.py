@@ -14,7 +14,8 @@ from train.quant.calibrate import calibrate
 from train.quant.convert import QuantConfig, quantize_model
 from train.quant.modules import ActQuantizer, WeightQuantizer
 from train.quant.spec import QuantSpec
-from train.student import FORMAT, VERSION, atomic_torch_save, load_student, quantizer_table, read_student, save_student
+from train.artifacts import atomic_torch_save
+from train.student import FORMAT, VERSION, load_student, quantizer_table, read_student, save_student
 
 PLAIN = (str, int, float, bool, type(None))
 
@@ -221,7 +222,7 @@ def test_atomic_save_failure_keeps_old_file_and_no_temp(tmp_path: Path) -> None:
 
 
 def test_atomic_save_failure_during_fsync(tmp_path: Path, monkeypatch) -> None:
-    import train.student as S
+    import train.artifacts as S
 
     def boom(fd: int) -> None:
         raise OSError("disk full")
@@ -230,3 +231,13 @@ def test_atomic_save_failure_during_fsync(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OSError):
         atomic_torch_save({"a": torch.ones(2)}, tmp_path / "y.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_write_json_atomic_round_trips_and_leaves_no_temp(tmp_path: Path) -> None:
+    import json
+
+    from train.artifacts import write_json_atomic
+
+    write_json_atomic({"a": [1, 2.5, None]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2.5, None]}
+    assert os.listdir(tmp_path) == ["r.json"]

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from .artifacts import atomic_torch_save, write_json_atomic
 from .baselines.dfq import bn_output_stats, input_gaussian, set_ranges_from_stats
 from .baselines.gaussian_stats import propagate
 from .data import image_batches, load_split, resolve_data_dir, subset
@@ -41,13 +42,12 @@ from .generator import Generator, from_uint8, to_uint8
 from .losses import BNStatsHook, generator_loss, kd_loss
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import ArchInfo, sha256_file
-from .ptq import write_json_atomic
 from .quant.calibrate import calibrate_activations, calibrate_weights
 from .quant.convert import QuantConfig, quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .run_state import METRICS, MetricsLog, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .samples import CIFAR10_CLASSES, save_sample_grid
-from .student import atomic_torch_save, save_student
+from .student import save_student
 
 LR_FIELDS = {"g_lr", "s_lr", "s_scale_lr"}  # may change on --resume (e.g. after a non-finite loss)
 

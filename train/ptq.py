@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .artifacts import write_json_atomic
 from .baselines.dfq import dfq_student
 from .baselines.zeroq import distill_images
 from .data import image_batches, load_split, normalize, resolve_data_dir, subset
@@ -153,14 +154,6 @@ def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data_d
     fp, n = evaluate_top1(teacher, image_batches(x, y, info.mean, info.std, 500))
     q, _ = evaluate_top1(student, image_batches(x, y, info.mean, info.std, 500))
     return {"fp_top1": round(fp, 2), "quant_top1": round(q, 2), "eval_images": n, "split": split}
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 @cli_main

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DFQFError, first_line
-from .student import atomic_torch_save
+from .artifacts import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

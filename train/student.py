@@ -17,8 +17,6 @@ then state_dict is loaded strictly.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .artifacts import atomic_torch_save
 from .errors import DFQFError, first_line
 from .models import build_model, get_arch
 from .models.registry import load_state_dict_strict
@@ -48,22 +47,6 @@ def quantizer_table(student: nn.Module) -> dict[str, dict[str, Any]]:
                 "zero_point": m.zero_point.detach().cpu().clone(),
             }
     return table
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: int, config: QuantConfig,
