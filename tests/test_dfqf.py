@@ -98,7 +98,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    r = run_dfqf("--nproc_per_node", "2", "--master_port", "29731", "-m", "train.dfqf", *TINY, "--out", str(out),
+    r = run_dfqf("--standalone", "--nproc_per_node", "2", "-m", "train.dfqf", *TINY, "--out", str(out),
                  module=["-m", "torch.distributed.run"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

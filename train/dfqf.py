@@ -100,12 +100,16 @@ def prepare_out(cfg: DFQFConfig, d: Dist) -> Path:
             raise DFQFError(f"--resume: {out} was run with another config (differs in {', '.join(diff)})")
     elif saved.exists():
         raise DFQFError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if d.world > 1:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if d.main:
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cfg.to_dict(), saved)
         except OSError as e:
             raise DFQFError(f"cannot write to --out {out}: {e.strerror or e}") from None
+    if d.world > 1:
+        dist.barrier()
     return out
 
 
