@@ -76,7 +76,7 @@ def setup_distributed(requested: str) -> Dist:
         if device_type == "cuda" and not torch.cuda.is_available():
             raise DFQFError("--device cuda: CUDA is not available on this machine")
     if world == 1:
-        return Dist(0, 1, torch.device(requested if requested not in ("auto",) else device_type))
+        return Dist(0, 1, torch.device(device_type if requested == "auto" else requested))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     device = torch.device(f"cuda:{local}") if device_type == "cuda" else torch.device("cpu")
@@ -167,6 +167,7 @@ class DFQFRun:
         self.s_ddp = DDP(self.student) if d.world > 1 else self.student
         self.stage, self.step = "generator" if cfg.schedule == "two-stage" else "alternating", 0
         self.synthetic: dict[str, torch.Tensor] | None = None
+        self.eval_split: tuple[Any, Any] | None = None
         self.images_generated = 0
         self.wall_before = 0.0  # seconds spent before the last resume
         keep = self.restore() if cfg.resume else 0  # metrics lines that belong to the restored state
@@ -381,7 +382,9 @@ class DFQFRun:
 
     # -- evaluation and outputs -----------------------------------------------------------------------
     def evaluate(self, model: nn.Module, limit: int | None) -> float:
-        x, y = load_split(self.data_dir, self.info.dataset, self.cfg.split)
+        if self.eval_split is None:  # read (and decompress) the split once per run
+            self.eval_split = load_split(self.data_dir, self.info.dataset, self.cfg.split)
+        x, y = self.eval_split
         if limit is not None:
             x, y = subset(x, y, limit, self.cfg.seed)
         top1, _ = evaluate_top1(model, image_batches(x, y, self.info.mean, self.info.std, 500), self.d.device)

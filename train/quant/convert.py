@@ -156,8 +156,7 @@ def _conv_or_linear(c: _Converter, n: fx.Node) -> _State:
     mod = c.module_of(n)
     edge = n is c.first or n is c.last
     wbits = c.bits(n.target, c.config.first_last_bits if edge else c.config.wbits)
-    abits = c.config.first_last_bits if edge else c.config.abits
-    x = c.need_q(n.args[0], abits)
+    x = c.need_q(n.args[0], c.config.abits)  # need_q raises it to first_last_bits for edge layers
     qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)(mod, weight_spec(wbits))
     return _State(c.add_module_node(n, qmod, (x.node,)), is_acc=True)
 

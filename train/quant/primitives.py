@@ -35,7 +35,7 @@ def round_half_up(x: torch.Tensor) -> torch.Tensor:
 def _broadcast(p: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     """Reshape a per-channel parameter so it broadcasts along `axis` of `x` (scalars pass through)."""
     p = torch.as_tensor(p, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
-    if p.dim() == 0 or p.numel() == 1 and x.dim() == 0:
+    if p.dim() == 0 or x.dim() == 0:
         return p.reshape(())
     shape = [1] * x.dim()
     shape[axis] = -1
