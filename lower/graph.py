@@ -1,0 +1,172 @@
+"""The integer graph: what `lower.integerize` produces and every backend (NumPy reference, TVM, ONNX) consumes.
+
+A graph is a list of nodes in topological order. Every node computes one integer tensor, named after the
+node. Batch is the leading axis of every tensor and is not part of the recorded shapes. The exact
+semantics of each op are defined by `lower.reference` (NumPy, int64); the backends must match it bit for
+bit. Ops (`OPS`):
+
+- quantize_input   x: uint8 [N,H,W,C] raw pixels -> [N,C,H,W]; out[n,c,h,w] = lut[c, x[n,h,w,c]]
+                   (the lookup table holds quantize(normalize(pixel)), so normalization is folded in).
+- conv2d           x [N,Cin,H,W]; weight int [O,Cin/groups,kh,kw], bias int32 [O];
+                   acc = sum((x - input_zero_point) * weight) + bias, padding contributes 0
+                   (the padded input is input_zero_point, i.e. real 0). int32 out.
+- dense            x [N,K]; weight [O,K], bias [O]; same as conv2d. int32 out.
+- requantize       terms t_0..t_{k-1} (same shape); multiplier int64 [k,C], shift int64 [C], C along axis 1
+                   (C = 1: per tensor); y = clamp(output_zero_point
+                   + ((sum_i (t_i - zp_i) * multiplier[i,c] + 2^(shift[c]-1)) >> shift[c]), qmin, qmax).
+                   One rounding (half up) for the whole sum: residual adds, ReLU (qmin = zero point) and the
+                   scale change of a conv output are all this op.
+- sum_pool2d       window sums (int32) with kernel/stride, no padding; global pooling = kernel of H,W.
+- max_pool2d       window max with kernel/stride/padding (padding never wins: it is the dtype's minimum).
+- clamp            clamp(x, qmin, qmax).
+- strided_slice    x[begin:end:step] per axis (batch axis included, as slices over all axes).
+- pad              constant pad with `value` (the zero point: real 0); pads = [[before, after]] per axis.
+- reshape          to [N, *shape] (shape may contain one -1).
+
+Weights are stored unpacked (int8 arrays holding `weight_bits`-bit values); `lower.int4` packs them two per
+byte in artifacts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from train.errors import DFQFError
+
+STORAGE_DTYPES = ("uint8", "int8", "int32")
+# op -> (number of inputs or None for "one or more", required attrs, required params)
+OPS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
+    "quantize_input": (1, (), ("lut",)),
+    "conv2d": (1, ("stride", "padding", "dilation", "groups", "input_zero_point", "weight_bits"), ("weight", "bias")),
+    "dense": (1, ("input_zero_point", "weight_bits"), ("weight", "bias")),
+    "requantize": (None, ("input_zero_points", "output_zero_point", "qmin", "qmax"), ("multiplier", "shift")),
+    "sum_pool2d": (1, ("kernel", "stride"), ()),
+    "max_pool2d": (1, ("kernel", "stride", "padding"), ()),
+    "clamp": (1, ("qmin", "qmax"), ()),
+    "strided_slice": (1, ("begin", "end", "step"), ()),
+    "pad": (1, ("pads", "value"), ()),
+    "reshape": (1, ("shape",), ()),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An integer tensor and the reals it stands for: real = scale * (q - zero_point).
+
+    shape excludes the batch axis. scale is per tensor (one value) or per channel (axis 1 of the batched
+    tensor); accumulators carry scale s_x * s_w per output channel. bits/signed give the value range
+    (32 for accumulators), dtype the storage.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    signed: bool
+    scale: tuple[float, ...]
+    zero_point: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise DFQFError(f"storage dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "bits": self.bits, "signed": self.signed,
+                "scale": list(self.scale), "zero_point": self.zero_point}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorInfo":
+        return cls(tuple(d["shape"]), d["dtype"], d["bits"], d["signed"], tuple(d["scale"]), d["zero_point"])
+
+
+@dataclass
+class Node:
+    op: str
+    name: str
+    inputs: tuple[str, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class IntGraph:
+    """input: uint8 NHWC pixels of `input_shape` (H, W, C); output: the last node's int32 logits."""
+
+    input_name: str
+    input_shape: tuple[int, int, int]
+    nodes: list[Node]
+    tensors: dict[str, TensorInfo]
+    output: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        seen = {self.input_name}
+        for n in self.nodes:
+            if n.op not in OPS:
+                raise DFQFError(f"unknown integer op {n.op!r} in node {n.name}; known: {', '.join(OPS)}")
+            arity, attrs, params = OPS[n.op]
+            if (arity is not None and len(n.inputs) != arity) or not n.inputs:
+                raise DFQFError(f"node {n.name} ({n.op}) has {len(n.inputs)} inputs")
+            missing = [a for a in attrs if a not in n.attrs] + [p for p in params if p not in n.params]
+            if missing:
+                raise DFQFError(f"node {n.name} ({n.op}) lacks {', '.join(missing)}")
+            undefined = [i for i in n.inputs if i not in seen]
+            if undefined:
+                raise DFQFError(f"node {n.name} reads {', '.join(undefined)} before it is computed")
+            if n.name in seen or n.name not in self.tensors:
+                raise DFQFError(f"node {n.name} is defined twice or has no tensor info")
+            seen.add(n.name)
+        if self.output not in seen:
+            raise DFQFError(f"graph output {self.output} is not computed")
+
+    @property
+    def output_scale(self) -> np.ndarray:
+        """Real logits = output_scale * int32 output (per class)."""
+        return np.asarray(self.tensors[self.output].scale, dtype=np.float64)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    # -- serialization: structure as JSON, integer parameters as a dict of arrays -----------------------
+    def structure(self) -> dict[str, Any]:
+        return {"input_name": self.input_name, "input_shape": list(self.input_shape), "output": self.output,
+                "meta": self.meta, "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
+                "nodes": [{"op": n.op, "name": n.name, "inputs": list(n.inputs), "attrs": n.attrs,
+                           "params": sorted(n.params)} for n in self.nodes]}
+
+    def param_arrays(self) -> dict[str, np.ndarray]:
+        return {f"{n.name}/{k}": v for n in self.nodes for k, v in n.params.items()}
+
+    @classmethod
+    def from_parts(cls, structure: dict[str, Any], arrays: dict[str, np.ndarray]) -> "IntGraph":
+        try:
+            nodes = [Node(d["op"], d["name"], tuple(d["inputs"]), d["attrs"],
+                          {k: np.asarray(arrays[f"{d['name']}/{k}"]) for k in d["params"]})
+                     for d in structure["nodes"]]
+            tensors = {k: TensorInfo.from_dict(v) for k, v in structure["tensors"].items()}
+            return cls(structure["input_name"], tuple(structure["input_shape"]), nodes, tensors,
+                       structure["output"], structure.get("meta", {}))
+        except KeyError as e:
+            raise DFQFError(f"integer graph is missing {e}") from None
+
+    def summary(self) -> str:
+        lines = []
+        for n in self.nodes:
+            t = self.tensors[n.name]
+            lines.append(f"{n.name:<28} {n.op:<15} {','.join(n.inputs):<40} {t.dtype}{list(t.shape)} bits={t.bits}")
+        return "\n".join(lines)
+
+
+def dumps_structure(g: IntGraph) -> str:
+    return json.dumps(g.structure(), indent=1)

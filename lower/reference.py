@@ -1,0 +1,173 @@
+"""NumPy reference executor: the exact semantics of every integer op (`lower.graph`), in int64.
+
+Backends (TVM, ONNX Runtime's integer path) are tested bit for bit against `run_graph`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from train.errors import DFQFError
+
+from .graph import IntGraph, Node
+
+Array = np.ndarray
+
+
+def quantize_input(x: Array, lut: Array) -> Array:
+    """out[n, c, h, w] = lut[c, x[n, h, w, c]].
+
+    >>> quantize_input(np.array([[[[0, 255]]]], np.uint8), np.stack([np.arange(256), -np.arange(256)])).tolist()
+    [[[[0]], [[-255]]]]
+    """
+    x = np.asarray(x)
+    c = np.arange(x.shape[-1])
+    return lut[c, x.astype(np.int64)].transpose(0, 3, 1, 2).astype(np.int64)
+
+
+def _pad_spatial(x: Array, padding: tuple[int, int], value: int) -> Array:
+    ph, pw = padding
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _windows(x: Array, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> Array:
+    """[N, C, OH, OW, kh, kw] view of the sliding windows."""
+    kh, kw = kernel
+    win = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1),
+                                                   axis=(2, 3))
+    return win[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
+
+
+_EXACT_F64 = 2**53  # integers below this are exact in float64, so BLAS computes integer dot products exactly
+
+
+def _exact_matmul(a: Array, b: Array) -> Array:
+    """Integer a @ b through float64 BLAS, exact because every partial sum stays below 2^53."""
+    bound = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * a.shape[-1]
+    if bound >= _EXACT_F64:
+        return np.asarray(a, np.int64) @ np.asarray(b, np.int64)
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+
+
+def conv2d(x: Array, weight: Array, bias: Array, stride, padding, dilation, groups: int, input_zero_point: int) -> Array:
+    """acc = sum((x - zp) * w) + bias over each window, in int64; zero padding of (x - zp).
+
+    >>> conv2d(np.array([[[[3, 4], [5, 6]]]]), np.ones((1, 1, 2, 2), np.int8), np.array([1]), (1, 1), (0, 0), (1, 1), 1, 2).tolist()
+    [[[[11]]]]
+    """
+    xs = _pad_spatial(np.asarray(x, np.int64) - input_zero_point, tuple(padding), 0)
+    w = np.asarray(weight, np.int64)
+    o, cin_g, kh, kw = w.shape
+    win = _windows(xs, (kh, kw), tuple(stride), tuple(dilation))  # N, Cin, OH, OW, kh, kw
+    n, _, oh, ow = win.shape[:4]
+    og = o // groups
+    outs = []
+    for g in range(groups):
+        cols = win[:, g * cin_g:(g + 1) * cin_g].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        outs.append(_exact_matmul(cols, w[g * og:(g + 1) * og].reshape(og, -1).T))
+    acc = np.concatenate(outs, axis=1).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
+    return acc + np.asarray(bias, np.int64).reshape(1, -1, 1, 1)
+
+
+def dense(x: Array, weight: Array, bias: Array, input_zero_point: int) -> Array:
+    """acc = (x - zp) @ w.T + bias, in int64."""
+    return _exact_matmul(np.asarray(x, np.int64) - input_zero_point, np.asarray(weight, np.int64).T) + \
+        np.asarray(bias, np.int64)
+
+
+def requantize(terms: list[Array], multiplier: Array, shift: Array, input_zero_points, output_zero_point: int,
+               qmin: int, qmax: int) -> Array:
+    """clamp(zp_out + ((sum_i (t_i - zp_i) * M0[i, c] + 2^(n_c - 1)) >> n_c), qmin, qmax); c along axis 1.
+
+    `lower.integerize` chooses shifts that provably keep the int64 sum in range (no overflow check here).
+
+    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), [0], 0, -8, 7).tolist()
+    [[3, 4, -2, 7]]
+    """
+    m = np.asarray(multiplier, np.int64)
+    n = np.asarray(shift, np.int64)
+    rank = terms[0].ndim
+    per_channel = (1, -1) + (1,) * (rank - 2)
+    acc = np.zeros(np.broadcast_shapes(*(t.shape for t in terms)), dtype=np.int64)
+    for i, t in enumerate(terms):
+        acc = acc + (np.asarray(t, np.int64) - int(input_zero_points[i])) * m[i].reshape(per_channel)
+    nb = n.reshape(per_channel)
+    rounding = np.where(nb > 0, np.left_shift(np.int64(1), np.maximum(nb - 1, 0)), 0)
+    q = np.right_shift(acc + rounding, nb) + output_zero_point
+    return np.clip(q, qmin, qmax)
+
+
+def sum_pool2d(x: Array, kernel, stride) -> Array:
+    return _windows(np.asarray(x, np.int64), tuple(kernel), tuple(stride)).sum(axis=(-2, -1))
+
+
+def max_pool2d(x: Array, kernel, stride, padding) -> Array:
+    x = np.asarray(x, np.int64)
+    xs = _pad_spatial(x, tuple(padding), np.iinfo(np.int64).min)
+    return _windows(xs, tuple(kernel), tuple(stride)).max(axis=(-2, -1))
+
+
+def strided_slice(x: Array, begin, end, step) -> Array:
+    return x[tuple(slice(b, e, s) for b, e, s in zip(begin, end, step))]
+
+
+def pad(x: Array, pads, value: int) -> Array:
+    return np.pad(x, [tuple(p) for p in pads], constant_values=value)
+
+
+def reshape(x: Array, shape) -> Array:
+    return x.reshape(x.shape[0], *shape)
+
+
+def _run_node(n: Node, args: list[Array]) -> Array:
+    a, p = n.attrs, n.params
+    x = args[0]
+    if n.op == "quantize_input":
+        return quantize_input(x, p["lut"])
+    if n.op == "conv2d":
+        return conv2d(x, p["weight"], p["bias"], a["stride"], a["padding"], a["dilation"], a["groups"],
+                      a["input_zero_point"])
+    if n.op == "dense":
+        return dense(x, p["weight"], p["bias"], a["input_zero_point"])
+    if n.op == "requantize":
+        return requantize(args, p["multiplier"], p["shift"], a["input_zero_points"], a["output_zero_point"],
+                          a["qmin"], a["qmax"])
+    if n.op == "sum_pool2d":
+        return sum_pool2d(x, a["kernel"], a["stride"])
+    if n.op == "max_pool2d":
+        return max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+    if n.op == "clamp":
+        return np.clip(x, a["qmin"], a["qmax"])
+    if n.op == "strided_slice":
+        return strided_slice(x, a["begin"], a["end"], a["step"])
+    if n.op == "pad":
+        return pad(x, a["pads"], a["value"])
+    if n.op == "reshape":
+        return reshape(x, a["shape"])
+    raise DFQFError(f"reference executor has no op {n.op!r}")
+
+
+def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], None] | None = None) -> Array:
+    """Run `g` on uint8 NHWC pixels; returns the int32 output. `observe(name, tensor)` sees every node output.
+
+    Every intermediate is checked against its declared value range and stored in its storage dtype, so
+    a backend that keeps int32 where the graph says uint8 computes the same numbers.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != tuple(g.input_shape):
+        raise DFQFError(f"expected uint8 images of shape [N, {', '.join(map(str, g.input_shape))}], "
+                        f"got {pixels.dtype} {list(pixels.shape)}")
+    env: dict[str, Array] = {g.input_name: pixels}
+    for n in g.nodes:
+        y = _run_node(n, [env[i] for i in n.inputs])
+        info = g.tensors[n.name]
+        lo, hi = info.qrange
+        if y.size and (y.min() < lo or y.max() > hi):
+            raise DFQFError(f"{n.name} ({n.op}) leaves its {info.bits}-bit range: [{y.min()}, {y.max()}]")
+        if tuple(y.shape[1:]) != tuple(info.shape):
+            raise DFQFError(f"{n.name} ({n.op}) has shape {list(y.shape[1:])}, graph says {list(info.shape)}")
+        env[n.name] = y.astype(info.dtype)
+        if observe is not None:
+            observe(n.name, env[n.name])
+    return env[g.output]
