@@ -7,15 +7,17 @@ bit. Ops (`OPS`):
 
 - quantize_input   x: uint8 [N,H,W,C] raw pixels -> [N,C,H,W]; out[n,c,h,w] = lut[c, x[n,h,w,c]]
                    (the lookup table holds quantize(normalize(pixel)), so normalization is folded in).
-- conv2d           x [N,Cin,H,W]; weight int [O,Cin/groups,kh,kw], bias int32 [O];
+- conv2d           x [N,Cin,H,W]; weight int [O,Cin/groups,kh,kw], bias int32 [O] (zero when a requantize
+                   adds the bias; the logits layer's bias);
                    acc = sum((x - input_zero_point) * weight) + bias, padding contributes 0
                    (the padded input is input_zero_point, i.e. real 0). int32 out.
 - dense            x [N,K]; weight [O,K], bias [O]; same as conv2d. int32 out.
-- requantize       terms t_0..t_{k-1} (same shape); multiplier int64 [k,C], shift int64 [C], C along axis 1
-                   (C = 1: per tensor); y = clamp(output_zero_point
-                   + ((sum_i (t_i - zp_i) * multiplier[i,c] + 2^(shift[c]-1)) >> shift[c]), qmin, qmax).
-                   One rounding (half up) for the whole sum: residual adds, ReLU (qmin = zero point) and the
-                   scale change of a conv output are all this op.
+- requantize       terms t_0..t_{k-1} (same shape); multiplier int64 [k,C], shift int64 [C], offset int64 [C],
+                   C along axis 1 (C = 1: per tensor); y = clamp(output_zero_point
+                   + ((sum_i (t_i - zp_i) * multiplier[i,c] + offset[c] + 2^(shift[c]-1)) >> shift[c]),
+                   qmin, qmax). One rounding (half up) for the whole sum: residual adds, ReLU (qmin = zero
+                   point), the scale change of a conv output and the conv's bias (offset: bias / s_y * 2^shift,
+                   finer than an int32 bias at the accumulator scale) are all this op.
 - sum_pool2d       window sums (int32) with kernel/stride, no padding; global pooling = kernel of H,W.
 - max_pool2d       window max with kernel/stride/padding (padding never wins: it is the dtype's minimum).
 - clamp            clamp(x, qmin, qmax).
@@ -42,7 +44,7 @@ OPS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
     "quantize_input": (1, (), ("lut",)),
     "conv2d": (1, ("stride", "padding", "dilation", "groups", "input_zero_point", "weight_bits"), ("weight", "bias")),
     "dense": (1, ("input_zero_point", "weight_bits"), ("weight", "bias")),
-    "requantize": (None, ("input_zero_points", "output_zero_point", "qmin", "qmax"), ("multiplier", "shift")),
+    "requantize": (None, ("input_zero_points", "output_zero_point", "qmin", "qmax"), ("multiplier", "shift", "offset")),
     "sum_pool2d": (1, ("kernel", "stride"), ()),
     "max_pool2d": (1, ("kernel", "stride", "padding"), ()),
     "clamp": (1, ("qmin", "qmax"), ()),

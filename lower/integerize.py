@@ -36,9 +36,13 @@ INT64_LIMIT = 2**63 - 1
 
 @dataclass(frozen=True)
 class Pending:
-    """sum of the real values of `terms` (graph tensor names), then ReLU clipped to [0, relu_max] if relu."""
+    """sum of the real values of `terms` (graph tensor names) plus a real per-channel `bias`, then ReLU
+    clipped to [0, relu_max] if relu. Biases stay real until the sum is rounded: the requantizer adds them
+    with its own 2^-shift precision, where an int32 bias at the accumulator scale s_x*s_w would be off by
+    up to half an accumulator step (at 4 bits, a visible fraction of an output step)."""
 
     terms: tuple[str, ...]
+    bias: np.ndarray | None = None
     relu: bool = False
     relu_max: float | None = None
 
@@ -112,9 +116,22 @@ class _Integerizer:
         if isinstance(v, Quantized):
             return v.name
         if isinstance(v, Pending) and len(v.terms) == 1 and not v.relu:
+            if v.bias is not None:  # logits: the bias goes into the int32 accumulator
+                self.add_int32_bias(v.terms[0], v.bias)
             return v.terms[0]
         raise DFQFError(f"the model output {arg.name} is a sum or ReLU that no quantizer rounds; "
                         "end the model with a conv/linear layer")
+
+    def add_int32_bias(self, name: str, bias: np.ndarray) -> None:
+        node, info = self.node_named(name), self.tensors[name]
+        b = np.floor(bias / np.asarray(info.scale, np.float64) + 0.5)
+        if self.bound[name] + np.abs(b).max() > INT32_MAX:
+            raise DFQFError(f"{name}: the int32 accumulator could overflow with its bias")
+        node.params["bias"] = (node.params["bias"].astype(np.int64) + b.astype(np.int64)).astype(np.int32)
+        self.bound[name] += int(np.abs(b).max())
+
+    def node_named(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
 
     # -- requantization: one rounding for a whole pending sum --------------------------------------
     def requantize(self, name: str, v: Pending, q: ActQuantizer, shape: tuple[int, ...]) -> Quantized:
@@ -132,37 +149,43 @@ class _Integerizer:
         m = np.stack([np.broadcast_to(np.asarray(self.tensors[t].scale, np.float64), (channels,)) / s_y
                       for t in v.terms])  # [k, C]
         bounds = np.array([self.bound[t] for t in v.terms], dtype=object)
-        multiplier, shift = joint_dyadic(m, bounds)
+        bias = np.zeros(channels) if v.bias is None else np.broadcast_to(v.bias / s_y, (channels,))
+        multiplier, shift, offset = joint_dyadic(m, bounds, bias)
         info = TensorInfo(shape, "int8" if spec.signed else "uint8", spec.bits, spec.signed, (s_y,), zp)
         node = Node("requantize", name, v.terms,
                     {"input_zero_points": [self.tensors[t].zero_point for t in v.terms],
                      "output_zero_point": zp, "qmin": qmin, "qmax": qmax},
-                    {"multiplier": multiplier, "shift": shift})
+                    {"multiplier": multiplier, "shift": shift, "offset": offset})
         return self.emit(node, info, max(abs(qmin - zp), abs(qmax - zp)))
 
 
-def joint_dyadic(m: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column c, the largest shift n_c with every M0[i, c] = round(m[i, c] * 2^n_c) < 2^31 and
-    sum_i bounds[i] * M0[i, c] + 2^(n_c - 1) < 2^63 (so the int64 requantizer cannot overflow).
+def joint_dyadic(m: np.ndarray, bounds: np.ndarray, bias: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multipliers M0[i, c], shifts n_c and offsets o_c with m[i, c] ~ M0[i, c] / 2^n_c and
+    bias[c] ~ o_c / 2^n_c (bias in output steps): per column c the largest n_c with every M0 < 2^31 and
+    sum_i bounds[i] * M0[i, c] + |o_c| + 2^(n_c - 1) < 2^63, so the int64 requantizer cannot overflow.
 
-    >>> m0, n = joint_dyadic(np.array([[0.1], [0.05]]), np.array([1000, 100], dtype=object))
-    >>> m0[:, 0].tolist(), n.tolist()
-    ([1717986918, 858993459], [34])
+    >>> m0, n, o = joint_dyadic(np.array([[0.1], [0.05]]), np.array([1000, 100], dtype=object), np.array([0.25]))
+    >>> m0[:, 0].tolist(), n.tolist(), o.tolist()
+    ([1717986918, 858993459], [34], [4294967296])
     """
-    top, shift = P.dyadic_multiplier(m.max(axis=0))  # the largest term sets the precision
+    bias = np.zeros(m.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    _, shift = P.dyadic_multiplier(m.max(axis=0))  # the largest term sets the precision
     multiplier = np.zeros(m.shape, dtype=np.int64)
+    offset = np.zeros(m.shape[1], dtype=np.int64)
     for c in range(m.shape[1]):
         n = int(shift[c])
         while True:
             col = [int(x) for x in np.floor(m[:, c] * 2.0**n + 0.5)]
-            worst = sum(int(b) * x for b, x in zip(bounds, col)) + (1 << max(n - 1, 0))
+            off = int(np.floor(bias[c] * 2.0**n + 0.5))
+            worst = sum(int(b) * x for b, x in zip(bounds, col)) + abs(off) + (1 << max(n - 1, 0))
             if max(col) < 2**31 and worst <= INT64_LIMIT:
                 break
             if n == 0:
                 raise DFQFError("requantization multiplier too large for an int64 requantizer")
             n -= 1
-        multiplier[:, c], shift[c] = col, n
-    return multiplier, shift.astype(np.int64)
+        multiplier[:, c], shift[c], offset[c] = col, n, off
+    return multiplier, shift.astype(np.int64), offset
 
 
 # -- lowering functions: one per student node kind ------------------------------------------------------
@@ -199,9 +222,9 @@ def _conv_or_dense(z: _Integerizer, n: fx.Node) -> Pending:
         s_w = wq.scale.detach().double()
         w = P.quantize(mod.weight.detach(), wq.scale.detach(), wq.zero_point, wq.spec, axis=0).numpy()
         acc_scale = xi.scale[0] * s_w.numpy()
-        bias = np.floor(mod.bias.detach().double().numpy() / acc_scale + 0.5)
+        bias = mod.bias.detach().double().numpy()  # real: added when the sum is rounded (see Pending)
     per_out = np.abs(w.reshape(w.shape[0], -1)).astype(np.int64).sum(axis=1)
-    acc_bound = z.bound[x] * per_out + np.abs(bias)
+    acc_bound = z.bound[x] * per_out
     if acc_bound.max() > INT32_MAX:
         raise DFQFError(f"{n.name}: the int32 accumulator could overflow (bound {int(acc_bound.max())})")
     attrs: dict[str, Any] = {"input_zero_point": xi.zero_point, "weight_bits": wq.spec.bits}
@@ -211,17 +234,17 @@ def _conv_or_dense(z: _Integerizer, n: fx.Node) -> Pending:
         attrs.update(stride=list(mod.stride), padding=list(mod.padding), dilation=list(mod.dilation),
                      groups=mod.groups)
     node = Node("conv2d" if isinstance(mod, QuantConv2d) else "dense", n.name, (x,), attrs,
-                {"weight": w.astype(np.int8), "bias": bias.astype(np.int32)})
+                {"weight": w.astype(np.int8), "bias": np.zeros(w.shape[0], np.int32)})
     info = TensorInfo(z.shape(n), "int32", 32, True, tuple(float(s) for s in acc_scale), 0)
     z.emit(node, info, int(acc_bound.max()))
-    return Pending((n.name,))
+    return Pending((n.name,), bias)
 
 
 def _relu(z: _Integerizer, n: fx.Node) -> Value:
     relu_max = 6.0 if n.op == "call_module" and isinstance(z.module(n), nn.ReLU6) else None
     v = z.values[n.args[0]]
     if isinstance(v, Pending):
-        return Pending(v.terms, True, relu_max)
+        return Pending(v.terms, v.bias, True, relu_max)
     x = z.quantized(n.args[0], n.name)
     xi = z.tensors[x]
     lo, hi = xi.qrange
@@ -234,15 +257,18 @@ def _relu(z: _Integerizer, n: fx.Node) -> Value:
 
 def _add(z: _Integerizer, n: fx.Node) -> Pending:
     terms: list[str] = []
+    bias = None
     for a in n.args:
         v = z.values[a] if isinstance(a, fx.Node) else None
         if isinstance(v, Quantized):
             terms.append(v.name)
         elif isinstance(v, Pending) and not v.relu:
             terms.extend(v.terms)
+            if v.bias is not None:
+                bias = v.bias if bias is None else bias + v.bias
         else:
             raise DFQFError(f"cannot lower {n.name}: add of a non-tensor or of an unrounded ReLU")
-    return Pending(tuple(terms))
+    return Pending(tuple(terms), bias)
 
 
 def _same_grid(z: _Integerizer, n: fx.Node, op: str, attrs: dict[str, Any]) -> Quantized:

@@ -76,13 +76,14 @@ def dense(x: Array, weight: Array, bias: Array, input_zero_point: int) -> Array:
         np.asarray(bias, np.int64)
 
 
-def requantize(terms: list[Array], multiplier: Array, shift: Array, input_zero_points, output_zero_point: int,
-               qmin: int, qmax: int) -> Array:
-    """clamp(zp_out + ((sum_i (t_i - zp_i) * M0[i, c] + 2^(n_c - 1)) >> n_c), qmin, qmax); c along axis 1.
+def requantize(terms: list[Array], multiplier: Array, shift: Array, offset: Array, input_zero_points,
+               output_zero_point: int, qmin: int, qmax: int) -> Array:
+    """clamp(zp_out + ((sum_i (t_i - zp_i) * M0[i, c] + offset[c] + 2^(n_c - 1)) >> n_c), qmin, qmax);
+    c along axis 1.
 
     `lower.integerize` chooses shifts that provably keep the int64 sum in range (no overflow check here).
 
-    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), [0], 0, -8, 7).tolist()
+    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), np.array([0]), [0], 0, -8, 7).tolist()
     [[3, 4, -2, 7]]
     """
     m = np.asarray(multiplier, np.int64)
@@ -94,7 +95,7 @@ def requantize(terms: list[Array], multiplier: Array, shift: Array, input_zero_p
         acc = acc + (np.asarray(t, np.int64) - int(input_zero_points[i])) * m[i].reshape(per_channel)
     nb = n.reshape(per_channel)
     rounding = np.where(nb > 0, np.left_shift(np.int64(1), np.maximum(nb - 1, 0)), 0)
-    q = np.right_shift(acc + rounding, nb) + output_zero_point
+    q = np.right_shift(acc + np.asarray(offset, np.int64).reshape(per_channel) + rounding, nb) + output_zero_point
     return np.clip(q, qmin, qmax)
 
 
@@ -131,8 +132,8 @@ def _run_node(n: Node, args: list[Array]) -> Array:
     if n.op == "dense":
         return dense(x, p["weight"], p["bias"], a["input_zero_point"])
     if n.op == "requantize":
-        return requantize(args, p["multiplier"], p["shift"], a["input_zero_points"], a["output_zero_point"],
-                          a["qmin"], a["qmax"])
+        return requantize(args, p["multiplier"], p["shift"], p["offset"], a["input_zero_points"],
+                          a["output_zero_point"], a["qmin"], a["qmax"])
     if n.op == "sum_pool2d":
         return sum_pool2d(x, a["kernel"], a["stride"])
     if n.op == "max_pool2d":
@@ -148,8 +149,12 @@ def _run_node(n: Node, args: list[Array]) -> Array:
     raise DFQFError(f"reference executor has no op {n.op!r}")
 
 
-def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], None] | None = None) -> Array:
-    """Run `g` on uint8 NHWC pixels; returns the int32 output. `observe(name, tensor)` sees every node output.
+def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], Array | None] | None = None) -> Array:
+    """Run `g` on uint8 NHWC pixels; returns the int32 output.
+
+    `observe(name, tensor)` sees every node output; when it returns an array, that array replaces the
+    node's output downstream (used to feed every layer the fake-quant student's codes, so each layer is
+    compared in isolation).
 
     Every intermediate is checked against its declared value range and stored in its storage dtype, so
     a backend that keeps int32 where the graph says uint8 computes the same numbers.
@@ -169,5 +174,7 @@ def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], None] 
             raise DFQFError(f"{n.name} ({n.op}) has shape {list(y.shape[1:])}, graph says {list(info.shape)}")
         env[n.name] = y.astype(info.dtype)
         if observe is not None:
-            observe(n.name, env[n.name])
+            replacement = observe(n.name, env[n.name])
+            if replacement is not None:
+                env[n.name] = np.asarray(replacement).astype(info.dtype)
     return env[g.output]

@@ -28,3 +28,36 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def make_tiny_student(wbits: int = 8, abits: int = 8, seed: int = 0):
+    """A calibrated fake-quant TinyNet student (16x16 input, 10 classes) and its ArchInfo: the standard
+    fixture for lowering tests. Calibrated with MSE ranges on seeded random pixels."""
+    import numpy as np
+    import torch
+
+    from train.data import normalize
+    from train.models import build_model, get_arch
+    from train.quant.calibrate import calibrate
+    from train.quant.convert import QuantConfig, quantize_model
+
+    info = get_arch("tinynet")
+    torch.manual_seed(seed)
+    student = quantize_model(build_model("tinynet").eval(), QuantConfig(wbits=wbits, abits=abits))
+    c, h, w = info.input_size
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, h, w, c), dtype=np.uint8)
+    calibrate(student, [normalize(pixels, info.mean, info.std)], "mse")
+    return student, info
+
+
+@pytest.fixture(scope="session")
+def tiny_students():
+    """{(wbits, abits): (student, info)} for W8A8, W4A4 and W3A5 (built on first use)."""
+    cache: dict = {}
+
+    def get(wbits: int, abits: int):
+        if (wbits, abits) not in cache:
+            cache[wbits, abits] = make_tiny_student(wbits, abits)
+        return cache[wbits, abits]
+
+    return get

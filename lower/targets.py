@@ -1,0 +1,93 @@
+"""TVM targets and their Relax pipelines, as data (one table, no if-chains over target kinds).
+
+`TARGETS[name]` says how to build the TVM target dict from user options, which runtime device runs it and
+which Relax passes lower the integer graph for it. Speed is not tuned here: the passes only legalize,
+fuse and (on CUDA) bind threads with dlight's default GPU rules so every kernel is valid device code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import tvm
+from tvm import relax
+
+from train.errors import DFQFError
+
+DEFAULT_CUDA_ARCH = "sm_80"
+# The host side of a GPU build only launches kernels; keep it generic so it runs on any x86-64 host.
+GENERIC_HOST = {"kind": "llvm"}
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. 'znver4'), or '' if LLVM cannot tell."""
+    try:
+        return str(tvm.target.codegen.llvm_get_system_cpu())
+    except Exception:  # noqa: BLE001 - a missing LLVM answer only means a generic build
+        return ""
+
+
+def _llvm_target(mcpu: str | None = None, **_: Any) -> tvm.target.Target:
+    mcpu = host_cpu() if mcpu is None else mcpu
+    return tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})})
+
+
+def _cuda_target(arch: str | None = None, host: dict | None = None, **_: Any) -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH}, host=host or GENERIC_HOST)
+
+
+def _legalize() -> list[tvm.transform.Pass]:
+    T = relax.transform
+    return [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR()]
+
+
+def _gpu_schedules() -> list[tvm.transform.Pass]:
+    """dlight's default rules: give every TIR kernel a thread binding (required by CUDA codegen)."""
+    from tvm.s_tir import dlight as dl
+
+    return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+
+
+def _vm_lowering(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
+    T = relax.transform
+    return [T.RewriteDataflowReshape(), T.ToNonDataflow(), T.RemovePurityChecking(), T.CallTIRRewrite(),
+            T.StaticPlanBlockMemory(), *([T.RewriteCUDAGraph()] if cuda_graph else []), T.LowerAllocTensor(),
+            T.KillAfterLastUse(), T.LowerRuntimeBuiltin(), T.ComputePrimValue(), T.VMShapeLower(),
+            T.AttachGlobalSymbol()]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """make_target(**opts) -> tvm Target; device: tvm.runtime.device name; passes(): the Relax pipeline."""
+
+    make_target: Callable[..., tvm.target.Target]
+    device: str
+    passes: Callable[[], list[tvm.transform.Pass]]
+    options: tuple[str, ...]
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _vm_lowering(), ("mcpu",)),
+    "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
+                       ("arch", "host")),
+}
+
+
+def target_spec(name: str) -> TargetSpec:
+    if name not in TARGETS:
+        raise DFQFError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def make_target(name: str, **opts: Any) -> tvm.target.Target:
+    """The TVM target for `name`; options not understood by that target are an error."""
+    spec = target_spec(name)
+    unknown = sorted(set(opts) - set(spec.options))
+    if unknown:
+        raise DFQFError(f"target {name!r} takes options {', '.join(spec.options)}, not {', '.join(unknown)}")
+    return spec.make_target(**opts)
+
+
+def relax_pipeline(name: str) -> tvm.transform.Pass:
+    return tvm.transform.Sequential(target_spec(name).passes(), name=f"dfqf_{name}")

@@ -1,0 +1,375 @@
+"""Integer graph (`lower.graph`) -> TVM Relax module -> compiled executable, bit-exact with `lower.reference`.
+
+`build_relax(g)` emits `main(x, *params)`: x is uint8 [n, H, W, C] with a symbolic batch n (one compiled
+module serves every batch size), the integer parameters are arguments in `param_order(g)` order, and the
+result is int32 [n, classes]. A converter table (`CONVERTERS`) maps each graph op to Relax ops.
+
+Exactness. Every op is integer arithmetic with no possible overflow, so TVM matches the NumPy int64
+reference bit for bit:
+- conv2d/dense: (x - input_zero_point) is formed in int16 (|.| <= 510) *before* the conv's zero padding,
+  so padding contributes 0 as the reference says; weights widened to int16; products and sums in int32
+  (`lower.integerize` proves the int32 accumulator bound), bias added in int32.
+- requantize: terms widened to int64, (t_i - zp_i) * M0[i, c] summed in int64, + 2^(n_c - 1) only where
+  n_c > 0, arithmetic right shift by n_c, + output zero point, clip: plain int64 tensor ops with per-channel
+  multiplier/shift tensors (not `q_multiply_shift`, which fails with per-channel tensors in TVM 0.27).
+- sum_pool2d sums in int32; max_pool2d pads with the storage dtype's minimum (never wins); clamp, slice,
+  pad and reshape move values unchanged. Each node's result is cast to its TensorInfo storage dtype
+  (uint8/int8/int32), which holds it exactly (the reference checks the value ranges).
+
+int4. TVM 0.27 cannot store int4 tensors, so a weight with weight_bits <= 4 is passed packed in the
+`lower.int4` layout (uint8, ceil(size/2) bytes, element 2i in the low nibble of byte i, 2i+1 in the high
+nibble, 4-bit two's complement) and unpacked inside the graph: lo = b & 15, hi = b >> 4, interleaved by
+stacking [lo, hi] on a new last axis and flattening, cut to `size`, sign-extended in int8 as
+v - ((v >> 3) << 4) (v >= 8 -> v - 16), then reshaped to [O, Cin/groups, kh, kw].
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax, te
+from tvm.relax import op as R
+
+from train.errors import DFQFError
+
+from .graph import OPS, IntGraph, Node
+from .int4 import pack_int4
+from .targets import TARGETS, make_target, relax_pipeline, target_spec
+
+__all__ = ["CONVERTERS", "build_relax", "compile_graph", "compile_cuda_ptx", "cuda_source", "export_library",
+           "load_executable", "pack_params", "param_order"]
+
+PARAM_DTYPES = {"lut": "int32", "weight": "int8", "bias": "int32", "multiplier": "int64", "shift": "int64"}
+INT4_BITS = 4
+
+
+def _packed(node: Node, key: str) -> bool:
+    return key == "weight" and int(node.attrs.get("weight_bits", 8)) <= INT4_BITS
+
+
+def param_order(g: IntGraph) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) of main's parameters after x: nodes in graph order, params in `OPS` order.
+
+    Keys are `IntGraph.param_arrays()` keys ("conv1/weight"). Weights of <= 4 bits are packed uint8.
+    """
+    order = []
+    for n in g.nodes:
+        for k in OPS[n.op][2]:
+            shape = tuple(int(d) for d in np.shape(n.params[k]))
+            if _packed(n, k):
+                order.append((f"{n.name}/{k}", ((int(np.prod(shape)) + 1) // 2,), "uint8"))
+            else:
+                order.append((f"{n.name}/{k}", shape, PARAM_DTYPES[k]))
+    return order
+
+
+def pack_params(g: IntGraph) -> list[np.ndarray]:
+    """The arrays to pass after x, in `param_order` (int4 weights packed); casts are checked to be lossless."""
+    arrays = g.param_arrays()
+    out = []
+    for key, _, dtype in param_order(g):
+        a = np.asarray(arrays[key])
+        node, k = g.node(key.rsplit("/", 1)[0]), key.rsplit("/", 1)[1]
+        if _packed(node, k):
+            out.append(pack_int4(a, signed=True))
+            continue
+        cast = a.astype(dtype)
+        if not np.array_equal(cast, a):
+            raise DFQFError(f"parameter {key} does not fit {dtype}")
+        out.append(np.ascontiguousarray(cast))
+    return out
+
+
+# -- building the Relax module --------------------------------------------------------------------------
+def _const(value: int, dtype: str) -> relax.Constant:
+    """A scalar constant; the dtype is always explicit (relax.const of int64 data silently makes int32)."""
+    return relax.const(np.array(value, dtype=dtype), dtype)
+
+
+def _dtype(e: relax.Expr) -> str:
+    return str(e.ty.dtype)
+
+
+def _cast(e: relax.Expr, dtype: str) -> relax.Expr:
+    return e if _dtype(e) == dtype else R.astype(e, dtype)
+
+
+class GraphBuilder:
+    """What a converter sees: the BlockBuilder, the graph, the batch size and the parameter variables."""
+
+    def __init__(self, g: IntGraph) -> None:
+        self.bb = relax.BlockBuilder()
+        self.graph = g
+        self.batch = tvm.tirx.Var("n", "int64")
+        h, w, c = g.input_shape
+        self.x = relax.Var("x", relax.TensorType([self.batch, h, w, c], "uint8"))
+        self.params = {key: relax.Var(key.replace("/", "__"), relax.TensorType(shape, dtype))
+                       for key, shape, dtype in param_order(g)}
+
+    def emit(self, e: relax.Expr) -> relax.Var:
+        return self.bb.emit(e)
+
+    def param(self, node: Node, key: str) -> relax.Expr:
+        """A node's parameter; packed int4 weights are unpacked to int8 of the original shape."""
+        var = self.params[f"{node.name}/{key}"]
+        if not _packed(node, key):
+            return var
+        return self.unpack_int4(var, tuple(np.shape(node.params[key])))
+
+    def unpack_int4(self, packed: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
+        size, nbytes = int(np.prod(shape)), (int(np.prod(shape)) + 1) // 2
+        lo = R.bitwise_and(packed, _const(15, "uint8"))
+        hi = R.right_shift(packed, _const(4, "uint8"))
+        nib = self.emit(R.reshape(R.stack([lo, hi], axis=1), [2 * nbytes]))
+        if size != 2 * nbytes:
+            nib = self.emit(R.strided_slice(nib, [0], [0], [size]))
+        v = R.astype(nib, "int8")
+        v = R.subtract(v, R.left_shift(R.right_shift(v, _const(3, "int8")), _const(4, "int8")))
+        return self.emit(R.reshape(v, list(shape)))
+
+    def per_channel(self, v: relax.Expr, rank: int) -> relax.Expr:
+        """[C] -> [1, C, 1, ...] to broadcast along axis 1 of a rank-`rank` tensor."""
+        return R.reshape(self.emit(v), [1, -1] + [1] * (rank - 2))
+
+
+def _quantize_input(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """out[n, c, h, w] = lut[c, x[n, h, w, c]] as a gather from the flattened [C * 256] table."""
+    lut = b.param(n, "lut")
+    c = int(np.shape(n.params["lut"])[0])
+    offsets = relax.const(np.arange(c, dtype=np.int32) * 256, "int32")
+    index = R.add(R.astype(xs[0], "int32"), offsets)  # [n, H, W, C]
+    flat = R.reshape(lut, [c * 256])
+    return R.permute_dims(R.take(flat, index, axis=0, mode="clip"), [0, 3, 1, 2])
+
+
+def _centered(x: relax.Expr, zero_point: int) -> tuple[relax.Expr, str]:
+    """(x - zero_point, its dtype): int16 for 8-bit storage (|x - zp| < 2^15 for any 8-bit zp), else int32."""
+    dtype = "int16" if _dtype(x) in ("uint8", "int8") and -(2**15) + 255 <= zero_point <= 2**15 - 256 else "int32"
+    x = _cast(x, dtype)
+    return (R.subtract(x, _const(zero_point, dtype)) if zero_point else x), dtype
+
+
+def _conv2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    a = n.attrs
+    x, dtype = _centered(xs[0], int(a["input_zero_point"]))
+    acc = R.nn.conv2d(x, _cast(b.param(n, "weight"), dtype), strides=list(a["stride"]),
+                      padding=list(a["padding"]), dilation=list(a["dilation"]), groups=int(a["groups"]),
+                      out_dtype="int32")
+    return R.add(acc, b.per_channel(b.param(n, "bias"), 4))
+
+
+def _dense(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    x, dtype = _centered(xs[0], int(n.attrs["input_zero_point"]))
+    acc = R.matmul(x, R.permute_dims(_cast(b.param(n, "weight"), dtype), [1, 0]), out_dtype="int32")
+    return R.add(acc, R.reshape(b.param(n, "bias"), [1, -1]))
+
+
+def _requantize(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    a = n.attrs
+    rank = len(b.graph.tensors[n.inputs[0]].shape) + 1
+    multiplier, shift = b.param(n, "multiplier"), b.param(n, "shift")
+    acc = None
+    for i, (t, zp) in enumerate(zip(xs, a["input_zero_points"])):
+        t = _cast(t, "int64")
+        if int(zp):
+            t = R.subtract(t, _const(int(zp), "int64"))
+        m = b.per_channel(R.strided_slice(multiplier, [0], [i], [i + 1]), rank)
+        term = R.multiply(t, m)
+        acc = term if acc is None else R.add(acc, term)
+    s = b.emit(b.per_channel(shift, rank))
+    half = R.left_shift(_const(1, "int64"), R.maximum(R.subtract(s, _const(1, "int64")), _const(0, "int64")))
+    rounding = R.where(R.greater(s, _const(0, "int64")), half, _const(0, "int64"))
+    y = R.right_shift(R.add(acc, rounding), s)
+    if int(a["output_zero_point"]):
+        y = R.add(y, _const(int(a["output_zero_point"]), "int64"))
+    return R.clip(y, int(a["qmin"]), int(a["qmax"]))
+
+
+def _sum_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    (kh, kw), (sh, sw) = n.attrs["kernel"], n.attrs["stride"]
+
+    def window_sum(x: te.Tensor) -> te.Tensor:
+        batch, c, h, w = x.shape
+        rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+        return te.compute((batch, c, (h - kh) // sh + 1, (w - kw) // sw + 1),
+                          lambda i, j, y, z: te.sum(x[i, j, y * sh + rh, z * sw + rw].astype("int32"), axis=[rh, rw]),
+                          name="sum_pool2d")
+
+    return b.bb.emit_te(window_sum, xs[0], primfunc_name_hint="sum_pool2d")
+
+
+def _max_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    a = n.attrs
+    return R.nn.max_pool2d(xs[0], pool_size=list(a["kernel"]), strides=list(a["stride"]),
+                           padding=list(a["padding"]), layout="NCHW")
+
+
+def _clamp(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    return R.clip(xs[0], int(n.attrs["qmin"]), int(n.attrs["qmax"]))
+
+
+def _strided_slice(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    """Python slice semantics per axis; static shapes let us resolve negative/out-of-range bounds here."""
+    a = n.attrs
+    shape = (None, *b.graph.tensors[n.inputs[0]].shape)
+    x = xs[0]
+    for axis, (begin, end, step) in enumerate(zip(a["begin"], a["end"], a["step"])):
+        if axis == 0:
+            if (begin or 0) != 0 or (step or 1) != 1 or (end is not None and end < 2**31 - 1):
+                raise DFQFError(f"{n.name}: slicing the batch axis is not supported by the TVM lowering")
+            continue
+        start, stop, stride = slice(begin, end, step).indices(shape[axis])
+        if (start, stop, stride) == (0, shape[axis], 1):
+            continue
+        if stride > 0:
+            x = R.strided_slice(x, [axis], [start], [max(stop, start)], [stride])
+        else:  # a reversed range: gather the indices (relax would wrap a stop of -1)
+            index = np.arange(start, stop, stride, dtype=np.int64)
+            x = R.take(x, relax.const(index, "int64"), axis=axis)
+    return x
+
+
+def _pad(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    pads = [[int(p) for p in ab] for ab in n.attrs["pads"]]
+    if pads[0] != [0, 0]:
+        raise DFQFError(f"{n.name}: padding the batch axis is not supported by the TVM lowering")
+    return R.nn.pad(xs[0], [p for ab in pads for p in ab], "constant", float(n.attrs["value"]))
+
+
+def _reshape(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    return R.reshape(xs[0], [b.batch, *b.graph.tensors[n.name].shape])
+
+
+Converter = Callable[[GraphBuilder, Node, list[relax.Expr]], relax.Expr]
+CONVERTERS: dict[str, Converter] = {
+    "quantize_input": _quantize_input,
+    "conv2d": _conv2d,
+    "dense": _dense,
+    "requantize": _requantize,
+    "sum_pool2d": _sum_pool2d,
+    "max_pool2d": _max_pool2d,
+    "clamp": _clamp,
+    "strided_slice": _strided_slice,
+    "pad": _pad,
+    "reshape": _reshape,
+}
+
+
+def build_relax(g: IntGraph) -> tvm.IRModule:
+    """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...]."""
+    missing = sorted({n.op for n in g.nodes if n.op not in CONVERTERS})
+    if missing:
+        raise DFQFError(f"the TVM lowering has no converter for {', '.join(missing)}; "
+                        f"supported: {', '.join(CONVERTERS)}")
+    b = GraphBuilder(g)
+    with b.bb.function("main", [b.x, *b.params.values()]):
+        with b.bb.dataflow():
+            env: dict[str, relax.Expr] = {g.input_name: b.x}
+            for n in g.nodes:
+                y = b.emit(CONVERTERS[n.op](b, n, [env[i] for i in n.inputs]))
+                env[n.name] = b.emit(_cast(y, g.tensors[n.name].dtype)) if _dtype(y) != g.tensors[n.name].dtype else y
+            out = b.bb.emit_output(_cast(env[g.output], "int32"))
+        b.bb.emit_func_output(out)
+    return b.bb.get()
+
+
+# -- compiling, exporting, loading ------------------------------------------------------------------------
+def compile_graph(g: IntGraph, target: str = "llvm", **opts: Any) -> relax.VMExecutable:
+    """Compile `g` for `target` (a key of `lower.targets.TARGETS`; opts e.g. mcpu=..., arch='sm_90')."""
+    tvm_target = make_target(target, **opts)
+    mod = build_relax(g)
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(target))
+
+
+def export_library(executable: relax.VMExecutable, path: str | os.PathLike) -> Path:
+    """Write a shared library (host code plus any device modules) that `load_executable` can load."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(path))
+    return path
+
+
+class IntegerExecutable:
+    """A loaded module: `run(pixels, params)` -> int32 numpy logits; params in `param_order`."""
+
+    def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
+        self.device = device
+        self.vm = relax.VirtualMachine(module, device)
+
+    def upload(self, params: Sequence[Any]) -> list[Any]:
+        """Parameters as device tensors (do it once, then pass the result to every call)."""
+        return [p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(p), self.device)
+                for p in params]
+
+    def __call__(self, pixels: np.ndarray, params: Sequence[Any]) -> np.ndarray:
+        x = tvm.runtime.tensor(np.ascontiguousarray(pixels, dtype=np.uint8), self.device)
+        return self.vm["main"](x, *self.upload(params)).numpy()
+
+
+def _device(device: str | tvm.runtime.Device) -> tvm.runtime.Device:
+    if isinstance(device, str):
+        kind = target_spec(device).device if device in TARGETS else device
+        return tvm.runtime.device(kind, 0)
+    return device
+
+
+def load_executable(path: str | os.PathLike, device: str | tvm.runtime.Device = "cpu") -> IntegerExecutable:
+    """Load an exported library on `device` ('cpu', 'cuda', a target name, or a tvm Device)."""
+    if not Path(path).is_file():
+        raise DFQFError(f"compiled library not found: {path}")
+    dev = _device(device)
+    if not dev.exist:
+        raise DFQFError(f"device {dev} is not available on this machine")
+    return IntegerExecutable(tvm.runtime.load_module(str(path)), dev)
+
+
+def run_executable(executable: relax.VMExecutable, pixels: np.ndarray, params: Sequence[Any],
+                   device: str | tvm.runtime.Device = "cpu") -> np.ndarray:
+    """Run a freshly compiled (not exported) executable once; convenient in tests."""
+    return IntegerExecutable(executable.mod, _device(device))(pixels, params)
+
+
+# -- CUDA source and offline PTX checks ------------------------------------------------------------------
+def _device_modules(module: tvm.runtime.Module, kind: str) -> list[tvm.runtime.Module]:
+    found = [module] if module.kind == kind else []
+    for m in module.imports:
+        found += _device_modules(m, kind)
+    return found
+
+
+def cuda_source(executable: relax.VMExecutable) -> str:
+    """The generated CUDA C++ of a cuda build (kept in the module; no GPU needed)."""
+    mods = _device_modules(executable.mod, "cuda")
+    if not mods:
+        raise DFQFError("the executable holds no CUDA module (was it compiled for target 'cuda'?)")
+    return "\n".join(m.inspect_source("cuda") or m.inspect_source() for m in mods)
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, else under $CUDA_HOME or /usr/local/cuda."""
+    found = shutil.which("nvcc")
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if not found and root and Path(root, "bin", "nvcc").is_file():
+            found = str(Path(root, "bin", "nvcc"))
+    return found
+
+
+def compile_cuda_ptx(source: str, arch: str = "sm_80", nvcc: str | None = None) -> str:
+    """Compile CUDA source to PTX for `arch` with nvcc (offline: no GPU needed); returns the PTX text."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise DFQFError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, ptx = Path(tmp, "kernels.cu"), Path(tmp, "kernels.ptx")
+        src.write_text(source)
+        proc = subprocess.run([nvcc, "--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(ptx),
+                               str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DFQFError(f"nvcc failed for {arch}: {proc.stderr.strip()[:2000]}")
+        return ptx.read_text()
