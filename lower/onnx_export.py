@@ -7,18 +7,27 @@ Every integer tensor t is represented by its real value scale * (t - zero_point)
   scale s_x * s_w is the float Conv of the real input with the real weight DequantizeLinear(w, s_w, axis 0)
   and real bias DequantizeLinear(b, s_x * s_w, axis 0); a window sum with scale s_x / k and zero point
   k * z_x is the AveragePool of the real input.
-A requantize node is the Add of its terms' real values, a Clip where its [qmin, qmax] is narrower than the
-storage range (ReLU, 4-bit values stored in 8 bits), then the QDQ pair. The input LUT is exact: a Gather of
-the flattened table at c * 256 + pixel, then DequantizeLinear. Output: float logits.
+A requantize node is the Add of its terms' real values (and its bias), then the QDQ pair, clamped to
+[qmin, qmax] where that is narrower than the storage range (ReLU, 4-bit values stored in 8 bits). The
+input LUT is exact: a Gather of the flattened table at c * 256 + pixel, then DequantizeLinear. Output:
+float logits (the real value of the graph's int32 output).
+
+Requantize biases (the `offset` param, real bias = s_y * offset / 2^shift) are by default folded into the
+int32 bias of the conv/dense they follow (`fold_bias`), rounded to the accumulator scale s_x * s_w, so
+DQ -> Conv -> Q stays ORT's QLinearConv pattern; `fold_bias=False` adds them in float instead.
+int8 activations are exported as uint8 with zero point + 128 (the same reals, exactly): ORT's fast path
+takes u8 activations and s8 per-channel weights. A clamp narrower than the storage range is a uint8 Clip
+after QuantizeLinear (exactly the integer graph's clamp, and it keeps the conv fusable).
 
 Not bit-exact with `lower.reference`: ONNX computes in float32 and QuantizeLinear rounds half to even, the
-integer graph rounds the dyadic product half up. Tests state the agreement in output LSBs.
+integer graph rounds the dyadic product half up; folded biases lose up to half an accumulator step. Tests
+state the agreement in output LSBs.
 
 int4 (`int4=True`, the default): weights of <= 4 bits are INT4 initializers (DequantizeLinear per axis) and
 activations of <= 4 bits are UINT4/INT4 QuantizeLinear/DequantizeLinear pairs; ONNX Runtime 1.32 CPU runs
 both (measured). Its fused integer kernels (QLinearConv, ...) are 8-bit only, so int4 layers run as float
-ops between Q/DQ. `int4=False` stores 4-bit values in int8/uint8 (with a Clip to the 4-bit range), which
-ORT can fuse into its u8 x s8 kernels.
+ops between Q/DQ. `int4=False` stores 4-bit values in int8/uint8 (with a uint8 Clip to the 4-bit range),
+which ORT fuses into its u8 x s8 kernels.
 """
 from __future__ import annotations
 
@@ -47,11 +56,13 @@ def _u8_offset(info: TensorInfo) -> int:
 class _Builder:
     """Accumulates ONNX nodes and initializers; `real[t]` is the ONNX name of integer tensor t's real value."""
 
-    def __init__(self, graph: IntGraph, int4: bool) -> None:
+    def __init__(self, graph: IntGraph, int4: bool, fold_bias: bool) -> None:
         self.graph, self.int4 = graph, int4
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.real: dict[str, str] = {}
+        # conv/dense name -> its int32 bias with the reading requantize's bias folded in
+        self.folded_bias = _fold_requantize_biases(graph) if fold_bias else {}
 
     def const(self, name: str, values, dtype: int, dims=None) -> str:
         values = np.asarray(values)
@@ -83,29 +94,35 @@ class _Builder:
         z = self.const(f"{name}/zero_point", zp, dtype, [scale.size] if per_channel else [])
         return s, z, ({"axis": 1} if per_channel else {})
 
-    def quantize(self, name: str, real: str) -> str:
-        """QuantizeLinear -> DequantizeLinear of float `real` with node `name`'s TensorInfo; returns the DQ output.
-        int32 tensors (accumulators, sums) stay float: no 32-bit QDQ."""
+    def quantize(self, name: str, real: str, qrange: tuple[int, int] | None = None) -> str:
+        """QuantizeLinear -> DequantizeLinear of float `real` with node `name`'s TensorInfo; returns the DQ
+        output. int32 tensors (accumulators, sums) stay float: no 32-bit QDQ.
+
+        A `qrange` (qmin, qmax) narrower than the storage range (ReLU with a zero point inside it, 4-bit
+        values stored in uint8) is a Clip on the quantized uint8 values, exactly as the integer graph clamps
+        (and DQ -> Conv -> Q stays ORT's QLinearConv pattern); 4-bit ONNX types, which ORT's Clip does not
+        take, are clipped on the reals before QuantizeLinear instead.
+        """
         info = self.graph.tensors[name]
         if info.dtype == "int32":
             return real
         s, z, axis = self.qparams(name, info)
-        q = self.op("QuantizeLinear", [real, s, z], f"{name}/q", **axis)
-        return self.op("DequantizeLinear", [q, s, z], f"{name}/real", **axis)
-
-    def clip_to(self, name: str, real: str, qmin: int, qmax: int) -> str:
-        """Clip `real` to the reals of [qmin, qmax] where that is narrower than the storage range."""
-        info = self.graph.tensors[name]
         dtype, offset = self.storage(info)
         lo, hi = (v - offset for v in _STORAGE_RANGE[dtype])
-        if qmin <= lo and qmax >= hi:
-            return real
-        if len(info.scale) > 1:
-            raise DFQFError(f"{name}: clipping a per-channel quantized tensor is not supported in the ONNX export")
-        s, zp = info.scale[0], info.zero_point
-        bound = [self.const(f"{name}/clip_min", np.float32(s * (max(qmin, lo) - zp)), TensorProto.FLOAT),
-                 self.const(f"{name}/clip_max", np.float32(s * (min(qmax, hi) - zp)), TensorProto.FLOAT)]
-        return self.op("Clip", [real, *bound], f"{name}/clip")
+        qmin, qmax = (lo, hi) if qrange is None else (max(qrange[0], lo), min(qrange[1], hi))
+        clip = (qmin, qmax) != (lo, hi)
+        if clip and dtype != TensorProto.UINT8:
+            if len(info.scale) > 1:
+                raise DFQFError(f"{name}: clipping a per-channel 4-bit tensor is not supported in the ONNX export")
+            bounds = [self.const(f"{name}/clip_{k}", np.float32(info.scale[0] * (v - info.zero_point)),
+                                 TensorProto.FLOAT) for k, v in (("min", qmin), ("max", qmax))]
+            real = self.op("Clip", [real, *bounds], f"{name}/clip_real")
+        q = self.op("QuantizeLinear", [real, s, z], f"{name}/q", **axis)
+        if clip and dtype == TensorProto.UINT8:
+            bounds = [self.const(f"{name}/clip_{k}", np.uint8(v + offset), TensorProto.UINT8)
+                      for k, v in (("min", qmin), ("max", qmax))]
+            q = self.op("Clip", [q, *bounds], f"{name}/clip")
+        return self.op("DequantizeLinear", [q, s, z], f"{name}/real", **axis)
 
     def weight(self, n: Node, out_scale: np.ndarray) -> str:
         """DequantizeLinear(int weight, per-output-channel scale, axis 0): the real weight."""
@@ -117,7 +134,7 @@ class _Builder:
         return self.op("DequantizeLinear", [q, s, z], f"{n.name}/weight_real", axis=0)
 
     def bias(self, n: Node, acc_scale: np.ndarray) -> str:
-        b = np.asarray(n.params["bias"])
+        b = self.folded_bias.get(n.name, np.asarray(n.params["bias"]))
         q = self.const(f"{n.name}/bias", b, TensorProto.INT32)
         s = self.const(f"{n.name}/bias_scale", acc_scale.astype(np.float32), TensorProto.FLOAT)
         z = self.const(f"{n.name}/bias_zero_point", np.zeros(b.size, np.int64), TensorProto.INT32)
@@ -169,7 +186,40 @@ def _requantize(b: _Builder, n: Node) -> str:
     total = b.real[n.inputs[0]]
     for i, t in enumerate(n.inputs[1:], 1):
         total = b.op("Add", [total, b.real[t]], f"{n.name}/sum{i}")
-    return b.quantize(n.name, b.clip_to(n.name, total, n.attrs["qmin"], n.attrs["qmax"]))
+    if np.any(n.params["offset"]) and not any(t in b.folded_bias for t in n.inputs):
+        info = b.graph.tensors[n.name]
+        bias = _requantize_bias(b.graph, n).reshape((-1,) + (1,) * (len(info.shape) - 1))
+        total = b.op("Add", [total, b.const(f"{n.name}/bias", bias.astype(np.float32), TensorProto.FLOAT)],
+                     f"{n.name}/biased")
+    return b.quantize(n.name, total, (n.attrs["qmin"], n.attrs["qmax"]))
+
+
+def _requantize_bias(graph: IntGraph, n: Node) -> np.ndarray:
+    """The real per-channel bias a requantize node adds: s_y * offset / 2^shift."""
+    scale = np.asarray(graph.tensors[n.name].scale, np.float64)
+    return scale * np.asarray(n.params["offset"], np.float64) / 2.0 ** np.asarray(n.params["shift"], np.float64)
+
+
+def _fold_requantize_biases(graph: IntGraph) -> dict[str, np.ndarray]:
+    """Move each requantize bias into the int32 bias of a conv/dense term that only it reads, rounded to the
+    accumulator scale (off by <= half an accumulator step): DQ -> Conv -> Q is then ORT's QLinearConv
+    pattern. Returns {conv/dense name: new int32 bias}; biases that do not fit stay an Add in the requantize."""
+    readers = Counter(i for n in graph.nodes for i in n.inputs)
+    by_name = {n.name: n for n in graph.nodes}
+    folded: dict[str, np.ndarray] = {}
+    for n in graph.nodes:
+        if n.op != "requantize" or not np.any(n.params["offset"]):
+            continue
+        for t in n.inputs:
+            if by_name[t].op not in ("conv2d", "dense") or readers[t] != 1:
+                continue
+            acc_scale = np.asarray(graph.tensors[t].scale, np.float64)
+            bias = np.asarray(by_name[t].params["bias"], np.int64) + np.floor(
+                _requantize_bias(graph, n) / acc_scale + 0.5).astype(np.int64)
+            if np.abs(bias).max() < 2**31:
+                folded[t] = bias.astype(np.int32)
+                break
+    return folded
 
 
 def _sum_pool2d(b: _Builder, n: Node) -> str:
@@ -189,7 +239,7 @@ def _max_pool2d(b: _Builder, n: Node) -> str:
 
 
 def _clamp(b: _Builder, n: Node) -> str:
-    return b.quantize(n.name, b.clip_to(n.name, b.real[n.inputs[0]], n.attrs["qmin"], n.attrs["qmax"]))
+    return b.quantize(n.name, b.real[n.inputs[0]], (n.attrs["qmin"], n.attrs["qmax"]))
 
 
 def _strided_slice(b: _Builder, n: Node) -> str:
@@ -229,9 +279,14 @@ CONVERTERS: dict[str, Callable[[_Builder, Node], str]] = {
 }
 
 
-def to_onnx_qdq(graph: IntGraph, int4: bool = True) -> onnx.ModelProto:
-    """The QDQ ONNX model of `graph`: uint8 NHWC pixels [N, H, W, C] -> float32 logits [N, classes]."""
-    b = _Builder(graph, int4)
+def to_onnx_qdq(graph: IntGraph, int4: bool = True, fold_bias: bool = True) -> onnx.ModelProto:
+    """The QDQ ONNX model of `graph`: uint8 NHWC pixels [N, H, W, C] -> float32 logits [N, classes].
+
+    int4: 4-bit weights/activations as ONNX INT4/UINT4 (else stored in 8 bits). fold_bias: requantize
+    biases go into the conv's int32 bias (ORT's fast QLinearConv path; off by <= half an accumulator step),
+    else they are an exact float Add after the conv (closest to the integer graph, no conv fusion).
+    """
+    b = _Builder(graph, int4, fold_bias)
     b.real[graph.input_name] = INPUT
     for n in graph.nodes:
         convert = CONVERTERS.get(n.op)
@@ -266,7 +321,8 @@ def _session(path_or_model: str | Path | onnx.ModelProto, threads: int, optimize
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized_path is not None:
+    if optimized_path is not None:  # QDQ fusions are "extended"; "all" adds CPU-specific layouts (NCHWc)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = optimized_path
     source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
     return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

@@ -27,6 +27,12 @@ def host_cpu() -> str:
         return ""
 
 
+def gpu_arch(device_id: int = 0) -> str:
+    """'sm_XY' of this machine's CUDA GPU (for builds that run here); DEFAULT_CUDA_ARCH without a GPU."""
+    dev = tvm.cuda(device_id)
+    return "sm_" + dev.compute_version.replace(".", "") if dev.exist else DEFAULT_CUDA_ARCH
+
+
 def _llvm_target(mcpu: str | None = None, **_: Any) -> tvm.target.Target:
     mcpu = host_cpu() if mcpu is None else mcpu
     return tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})})
@@ -91,3 +97,18 @@ def make_target(name: str, **opts: Any) -> tvm.target.Target:
 
 def relax_pipeline(name: str) -> tvm.transform.Pass:
     return tvm.transform.Sequential(target_spec(name).passes(), name=f"dfqf_{name}")
+
+
+def target_dict(name: str, **opts: Any) -> dict[str, Any]:
+    """The resolved TVM target of `name` as plain JSON data (for manifests), host target included."""
+
+    def plain(v: Any) -> Any:
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return v
+        if hasattr(v, "items"):
+            return {str(k): plain(x) for k, x in v.items()}
+        if hasattr(v, "__iter__"):
+            return [plain(x) for x in v]
+        return str(v)
+
+    return plain(make_target(name, **opts).export())

@@ -9,8 +9,8 @@ reference bit for bit:
 - conv2d/dense: (x - input_zero_point) is formed in int16 (|.| <= 510) *before* the conv's zero padding,
   so padding contributes 0 as the reference says; weights widened to int16; products and sums in int32
   (`lower.integerize` proves the int32 accumulator bound), bias added in int32.
-- requantize: terms widened to int64, (t_i - zp_i) * M0[i, c] summed in int64, + 2^(n_c - 1) only where
-  n_c > 0, arithmetic right shift by n_c, + output zero point, clip: plain int64 tensor ops with per-channel
+- requantize: terms widened to int64, (t_i - zp_i) * M0[i, c] summed in int64, + offset[c], + 2^(n_c - 1)
+  only where n_c > 0, arithmetic right shift by n_c, + output zero point, clip: plain int64 tensor ops with per-channel
   multiplier/shift tensors (not `q_multiply_shift`, which fails with per-channel tensors in TVM 0.27).
 - sum_pool2d sums in int32; max_pool2d pads with the storage dtype's minimum (never wins); clamp, slice,
   pad and reshape move values unchanged. Each node's result is cast to its TensorInfo storage dtype
@@ -40,12 +40,14 @@ from train.errors import DFQFError
 
 from .graph import OPS, IntGraph, Node
 from .int4 import pack_int4
-from .targets import TARGETS, make_target, relax_pipeline, target_spec
+from .targets import TARGETS, gpu_arch, make_target, relax_pipeline, target_dict, target_spec
 
-__all__ = ["CONVERTERS", "build_relax", "compile_graph", "compile_cuda_ptx", "cuda_source", "export_library",
-           "load_executable", "pack_params", "param_order"]
+__all__ = ["CONVERTERS", "GraphBuilder", "IntegerExecutable", "build_relax", "compile_cuda_ptx", "compile_graph",
+           "cuda_source", "export_library", "find_nvcc", "gpu_arch", "load_executable", "pack_params",
+           "param_order", "run_executable", "target_dict", "TARGETS"]
 
-PARAM_DTYPES = {"lut": "int32", "weight": "int8", "bias": "int32", "multiplier": "int64", "shift": "int64"}
+PARAM_DTYPES = {"lut": "int32", "weight": "int8", "bias": "int32", "multiplier": "int64", "shift": "int64",
+                "offset": "int64"}
 INT4_BITS = 4
 
 
@@ -139,12 +141,14 @@ class GraphBuilder:
 
 
 def _quantize_input(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
-    """out[n, c, h, w] = lut[c, x[n, h, w, c]] as a gather from the flattened [C * 256] table."""
-    lut = b.param(n, "lut")
+    """out[n, c, h, w] = lut[c, x[n, h, w, c]] as a gather from the flattened [C * 256] table.
+
+    The table is cast to the output's storage dtype first (its entries are output values), so the gather
+    moves bytes; "clip" mode only silences TVM's warning: the indices are in range by construction.
+    """
     c = int(np.shape(n.params["lut"])[0])
-    offsets = relax.const(np.arange(c, dtype=np.int32) * 256, "int32")
-    index = R.add(R.astype(xs[0], "int32"), offsets)  # [n, H, W, C]
-    flat = R.reshape(lut, [c * 256])
+    flat = R.astype(R.reshape(b.param(n, "lut"), [c * 256]), b.graph.tensors[n.name].dtype)
+    index = R.add(R.astype(xs[0], "int32"), relax.const(np.arange(c, dtype=np.int32) * 256, "int32"))
     return R.permute_dims(R.take(flat, index, axis=0, mode="clip"), [0, 3, 1, 2])
 
 
@@ -182,6 +186,7 @@ def _requantize(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
         m = b.per_channel(R.strided_slice(multiplier, [0], [i], [i + 1]), rank)
         term = R.multiply(t, m)
         acc = term if acc is None else R.add(acc, term)
+    acc = R.add(acc, b.per_channel(b.param(n, "offset"), rank))
     s = b.emit(b.per_channel(shift, rank))
     half = R.left_shift(_const(1, "int64"), R.maximum(R.subtract(s, _const(1, "int64")), _const(0, "int64")))
     rounding = R.where(R.greater(s, _const(0, "int64")), half, _const(0, "int64"))
@@ -239,6 +244,7 @@ def _pad(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
     pads = [[int(p) for p in ab] for ab in n.attrs["pads"]]
     if pads[0] != [0, 0]:
         raise DFQFError(f"{n.name}: padding the batch axis is not supported by the TVM lowering")
+    # relax takes the pad value as a C++ double: exact for every int32 value
     return R.nn.pad(xs[0], [p for ab in pads for p in ab], "constant", float(n.attrs["value"]))
 
 
@@ -273,7 +279,8 @@ def build_relax(g: IntGraph) -> tvm.IRModule:
             env: dict[str, relax.Expr] = {g.input_name: b.x}
             for n in g.nodes:
                 y = b.emit(CONVERTERS[n.op](b, n, [env[i] for i in n.inputs]))
-                env[n.name] = b.emit(_cast(y, g.tensors[n.name].dtype)) if _dtype(y) != g.tensors[n.name].dtype else y
+                storage = g.tensors[n.name].dtype
+                env[n.name] = y if _dtype(y) == storage else b.emit(R.astype(y, storage))
             out = b.bb.emit_output(_cast(env[g.output], "int32"))
         b.bb.emit_func_output(out)
     return b.bb.get()
@@ -296,7 +303,7 @@ def export_library(executable: relax.VMExecutable, path: str | os.PathLike) -> P
 
 
 class IntegerExecutable:
-    """A loaded module: `run(pixels, params)` -> int32 numpy logits; params in `param_order`."""
+    """A loaded module: `self(pixels, params)` -> int32 numpy logits; params in `param_order` (or `upload`ed)."""
 
     def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
         self.device = device
@@ -308,7 +315,10 @@ class IntegerExecutable:
                 for p in params]
 
     def __call__(self, pixels: np.ndarray, params: Sequence[Any]) -> np.ndarray:
-        x = tvm.runtime.tensor(np.ascontiguousarray(pixels, dtype=np.uint8), self.device)
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4:
+            raise DFQFError(f"expected uint8 NHWC images, got {pixels.dtype} {list(pixels.shape)}")
+        x = tvm.runtime.tensor(np.ascontiguousarray(pixels), self.device)
         return self.vm["main"](x, *self.upload(params)).numpy()
 
 

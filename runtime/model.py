@@ -1,0 +1,93 @@
+"""Load a compiled artifact (`lower.compile`) and run it: `load(artifact).predict(uint8 images)`.
+
+    model = runtime.load("artifacts/w4a4/llvm")        # verifies every file against the manifest
+    logits = model.predict(images)                      # uint8 [N, H, W, C] -> float32 [N, classes]
+    codes = model.predict_int(images)                   # the int32 logits of the integer graph
+    ort = runtime.load_onnx("artifacts/w4a4/llvm")      # the ONNX QDQ export under ONNX Runtime
+
+Errors (bad artifact, missing device, wrong image shape or dtype) raise `train.errors.DFQFError`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lower.artifact import LIBRARY, ONNX, load_graph, read_manifest
+from lower.graph import IntGraph
+from train.errors import DFQFError
+
+DEVICE_OF_TARGET = {"llvm": "cpu", "cuda": "cuda"}
+
+
+def check_images(images: Any, graph: IntGraph) -> np.ndarray:
+    """uint8 [N, H, W, C] images of the graph's input shape, as a contiguous array."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(graph.input_shape):
+        raise DFQFError(f"expected uint8 images of shape [N, {', '.join(map(str, graph.input_shape))}] (NHWC), "
+                        f"got {x.dtype} {list(x.shape)}")
+    return np.ascontiguousarray(x)
+
+
+class IntegerModel:
+    """The integer graph of an artifact, compiled by TVM, on one device."""
+
+    def __init__(self, artifact: str | Path, device: str | None = None) -> None:
+        from lower.tvm_build import load_executable, param_order  # TVM import is slow: only when used
+
+        self.path = Path(artifact)
+        self.manifest = read_manifest(self.path)
+        self.graph = load_graph(self.path)
+        if LIBRARY not in self.manifest["files"]:
+            raise DFQFError(f"{self.path} holds no compiled library ({LIBRARY})")
+        target = self.manifest.get("target", "llvm")
+        self.device = device or DEVICE_OF_TARGET.get(target, "cpu")
+        if DEVICE_OF_TARGET.get(target) != self.device:
+            raise DFQFError(f"{self.path} was compiled for {target}; it runs on {DEVICE_OF_TARGET.get(target)}, "
+                            f"not {self.device}")
+        with np.load(self.path / "params.npz") as z:
+            stored = {k: z[k] for k in z.files}
+        params = []
+        for key, shape, dtype in param_order(self.graph):
+            a = stored.get(key)
+            if a is None or tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise DFQFError(f"{self.path}: parameter {key} is missing or not {dtype}{list(shape)}")
+            params.append(a)
+        self.executable = load_executable(self.path / LIBRARY, self.device)
+        self.params = self.executable.upload(params)
+        self.scale = self.graph.output_scale.astype(np.float32)
+
+    def predict_int(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        x = check_images(images, self.graph)
+        outs = [self.executable(x[i:i + batch_size], self.params) for i in range(0, len(x), batch_size)]
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.scale)), np.int32)
+
+    def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """Real logits: the int32 output times its per-class scale (the only float op, after the graph)."""
+        return self.predict_int(images, batch_size) * self.scale
+
+
+class OnnxModel:
+    """The artifact's ONNX QDQ export under ONNX Runtime (CPU)."""
+
+    def __init__(self, artifact: str | Path, threads: int = 1) -> None:
+        from lower.onnx_export import ort_session
+
+        self.path = Path(artifact)
+        manifest = read_manifest(self.path)
+        if ONNX not in manifest["files"]:
+            raise DFQFError(f"{self.path} holds no ONNX export ({ONNX}); compile without --no-onnx")
+        self.graph = load_graph(self.path)
+        self.session = ort_session(self.path / ONNX, threads=threads)
+
+    def predict(self, images: Any) -> np.ndarray:
+        return np.asarray(self.session(check_images(images, self.graph)), dtype=np.float32)
+
+
+def load(artifact: str | Path, device: str | None = None) -> IntegerModel:
+    return IntegerModel(artifact, device)
+
+
+def load_onnx(artifact: str | Path, threads: int = 1) -> OnnxModel:
+    return OnnxModel(artifact, threads)

@@ -1,0 +1,129 @@
+"""`python -m runtime.parity ARTIFACT --data-dir D [--split test|lossless932]`: does the deployed integer
+model compute what was trained?
+
+Runs, on the same images: the FP teacher, the fake-quant student, the NumPy integer reference, the TVM
+module and the ONNX QDQ export under ONNX Runtime. Progress goes to stderr; the last stdout line is a JSON
+object (also written to ARTIFACT/parity.json): top-1 of each, integer-vs-fake-quant top-1 agreement,
+whether TVM equals the reference bit for bit, and per quantized layer the largest difference, in codes,
+between the integer graph and the fake-quant student (end to end, and with each layer fed the student's
+codes: `isolated`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lower.artifact import read_manifest
+from lower.reference import run_graph
+from train.artifacts import write_json_atomic
+from train.data import load_split, normalize, resolve_data_dir, subset
+from train.errors import CLIParser, DFQFError, cli_main, positive_int
+from train.models import get_arch, load_teacher
+from train.student import load_student
+
+from .compare import LayerDiffs, fakequant_values, isolated_layer_diffs
+from .model import load, load_onnx
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.correct: dict[str, int] = {}
+        self.agree: dict[str, int] = {}
+        self.n = 0
+
+    def update(self, labels: np.ndarray, logits: dict[str, np.ndarray]) -> None:
+        pred = {k: v.argmax(1) for k, v in logits.items()}
+        for k, p in pred.items():
+            self.correct[k] = self.correct.get(k, 0) + int((p == labels).sum())
+            if k != "fakequant":
+                self.agree[k] = self.agree.get(k, 0) + int((p == pred["fakequant"]).sum())
+        self.n += len(labels)
+
+    def top1(self, k: str) -> float | None:
+        return round(100.0 * self.correct[k] / self.n, 2) if k in self.correct and self.n else None
+
+    def agreement(self, k: str) -> float | None:
+        return round(self.agree[k] / self.n, 5) if k in self.agree and self.n else None
+
+
+def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | None = None, batch: int = 250,
+           student_path: Path | None = None, teacher_path: Path | None = None, onnx: bool = True,
+           log=lambda msg: None) -> dict[str, Any]:
+    manifest = read_manifest(artifact)
+    student_path = student_path or Path(manifest["student"]["path"])
+    if not student_path.is_file():
+        raise DFQFError(f"the student {student_path} recorded in the manifest is not here: pass --student")
+    student, ckpt = load_student(student_path)
+    teacher_path = teacher_path or Path(ckpt.get("meta", {}).get("teacher") or "")
+    teacher = load_teacher(ckpt["arch"], teacher_path if teacher_path.is_file() else None,
+                           **ckpt.get("arch_kwargs", {})).eval()
+    info = get_arch(ckpt["arch"])
+    model = load(artifact)
+    ort = load_onnx(artifact) if onnx and "model.onnx" in manifest["files"] else None
+    g = model.graph
+    x_all, y_all = load_split(data_dir, info.dataset, split)
+    if limit is not None:
+        x_all, y_all = subset(x_all, y_all, limit, 0)
+    tally, diffs = Tally(), LayerDiffs(g)
+    isolated: dict[str, int] = {}
+    tvm_equal, t0 = True, time.perf_counter()
+    mean, std = g.meta.get("mean", info.mean), g.meta.get("std", info.std)
+    for start in range(0, len(x_all), batch):
+        x, y = x_all[start:start + batch], np.asarray(y_all[start:start + batch])
+        xn = normalize(x, mean, std)
+        with torch.no_grad():
+            fp = teacher(xn).numpy()
+        fq = fakequant_values(student, xn, set(diffs.names) | {g.output})
+        ints: dict[str, np.ndarray] = {}
+        ref = run_graph(g, x, observe=ints.__setitem__)
+        tvm = model.predict_int(x)
+        tvm_equal = tvm_equal and np.array_equal(tvm, ref)
+        diffs.update(fq, ints)
+        for k, v in isolated_layer_diffs(g, fq, x).items():
+            isolated[k] = max(isolated.get(k, 0), v)
+        logits = {"fp": fp, "fakequant": fq[g.output].numpy(), "reference": ref * g.output_scale,
+                  "integer": tvm * g.output_scale}
+        if ort is not None:
+            logits["ort"] = ort.predict(x)
+        tally.update(y, logits)
+        log(f"{tally.n}/{len(x_all)} images, integer {tally.top1('integer')} fake-quant {tally.top1('fakequant')} "
+            f"agreement {tally.agreement('integer')} tvm==reference {tvm_equal} ({time.perf_counter() - t0:.0f} s)")
+    report = diffs.report()
+    return {"artifact": str(artifact), "target": manifest.get("target"), "split": split, "n": tally.n,
+            "fp_top1": tally.top1("fp"), "fakequant_top1": tally.top1("fakequant"),
+            "integer_top1": tally.top1("integer"), "reference_top1": tally.top1("reference"),
+            "ort_top1": tally.top1("ort"), "top1_agreement": tally.agreement("integer"),
+            "ort_top1_agreement": tally.agreement("ort"), "tvm_equals_reference": bool(tvm_equal),
+            "max_lsb_diff_per_layer": {k: r["max_lsb"] for k, r in report.items()},
+            "mismatch_fraction_per_layer": {k: round(r["mismatch_fraction"], 6) for k, r in report.items()},
+            "isolated_max_lsb_diff_per_layer": isolated, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = CLIParser(prog="python -m runtime.parity", description=__doc__.splitlines()[0])
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--data-dir", help="folder with cifar10/ (default $DFQF_DATA_DIR)")
+    p.add_argument("--split", default="test", choices=["test", "lossless932"])
+    p.add_argument("--limit", type=positive_int, help="a seeded subset of this many images")
+    p.add_argument("--batch", type=positive_int, default=250)
+    p.add_argument("--student", type=Path, help="student.pt (default: the one recorded in the manifest)")
+    p.add_argument("--teacher", type=Path, help="FP teacher weights (default: the student's teacher)")
+    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    args = p.parse_args(argv)
+    data_dir = resolve_data_dir(args.data_dir)
+    result = parity(args.artifact, data_dir, args.split, args.limit, args.batch, args.student, args.teacher,
+                    not args.no_onnx, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True))
+    write_json_atomic(result, args.artifact / "parity.json")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""lower.compile -> artifact -> runtime: the compiled TVM module equals the NumPy reference bit for bit,
+ORT runs the QDQ export, artifacts are verified, and bad input is one clear line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lower.compile import compile_student
+from lower.reference import run_graph
+from runtime import load, load_onnx
+from train.errors import DFQFError
+from train.quant.convert import QuantConfig
+from train.student import save_student
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_students, tmp_path_factory) -> dict[str, Path]:
+    """llvm artifacts of the tiny W8A8 and W4A4 students (compiled once for the module)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for bits in [(8, 8), (4, 4)]:
+        student, info = tiny_students(*bits)
+        path = root / f"w{bits[0]}a{bits[1]}" / "student.pt"
+        save_student(path, student, "tinynet", 10, QuantConfig(wbits=bits[0], abits=bits[1]), method="minmax",
+                     data_free=True)
+        out[f"w{bits[0]}a{bits[1]}"] = compile_student(path, "llvm", path.parent / "llvm") and path.parent / "llvm"
+    return out
+
+
+def _pixels(n: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a4"])
+def test_tvm_module_equals_reference_bit_for_bit(artifacts, name):
+    model = load(artifacts[name])
+    for n in (1, 5):  # one module, any batch size
+        x = _pixels(n, seed=n)
+        np.testing.assert_array_equal(model.predict_int(x), run_graph(model.graph, x))
+    x = _pixels(7)
+    np.testing.assert_allclose(model.predict(x, batch_size=3), run_graph(model.graph, x) * model.graph.output_scale,
+                               rtol=1e-6)
+
+
+def test_manifest_records_bits_sizes_and_hashes(artifacts):
+    m = json.loads((artifacts["w4a4"] / "manifest.json").read_text())
+    assert m["target"] == "llvm" and m["bits"]["weights"]["conv1"] == 8 and m["bits"]["weights"]["layer1_0_conv1"] == 4
+    assert {"model.so", "model.onnx", "params.npz", "graph.json"} <= set(m["files"])
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    sizes = m["param_bytes"]
+    assert sizes["stored"] < sizes["int8"] < sizes["fp32"]
+
+
+def test_onnx_export_runs_under_ort_and_agrees(artifacts):
+    ort = load_onnx(artifacts["w8a8"])
+    x = _pixels(32)
+    ref = run_graph(ort.graph, x) * ort.graph.output_scale
+    got = ort.predict(x)
+    assert got.shape == ref.shape
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_bad_images_and_corrupted_artifact(artifacts, tmp_path: Path):
+    model = load(artifacts["w8a8"])
+    with pytest.raises(DFQFError, match=r"expected uint8 images of shape \[N, 16, 16, 3\]"):
+        model.predict(np.zeros((2, 16, 16, 3), np.float32))
+    with pytest.raises(DFQFError, match="expected uint8 images"):
+        model.predict(np.zeros((2, 3, 16, 16), np.uint8))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in artifacts["w8a8"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    lib = bytearray((broken / "model.so").read_bytes())
+    lib[-100] ^= 0xFF
+    (broken / "model.so").write_bytes(bytes(lib))
+    with pytest.raises(DFQFError, match="model.so does not match its sha256"):
+        load(broken)
+    with pytest.raises(DFQFError, match="runs on cpu, not cuda"):
+        load(artifacts["w8a8"], device="cuda")
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope/student.pt"], "student file not found"),
+    (["{student}", "--target", "vulkan"], "unknown target 'vulkan'; known: llvm, cuda"),
+    (["{student}", "--out", "{existing}"], "already exists"),
+])
+def test_compile_bad_input_is_one_line_exit_2(artifacts, args, message):
+    student = artifacts["w8a8"].parent / "student.pt"
+    args = [a.format(student=student, existing=artifacts["w8a8"]) for a in args]
+    r = _cli("lower.compile", *args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parity_bad_artifact_is_one_line_exit_2(tmp_path: Path):
+    r = _cli("runtime.parity", str(tmp_path), "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "not a DFQF artifact" in r.stderr and "Traceback" not in r.stderr
