@@ -48,7 +48,7 @@ def versions() -> dict[str, str]:
 
 
 def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None = None, onnx: bool = True,
-                    overwrite: bool = False, log=lambda msg: None) -> dict[str, Any]:
+                    overwrite: bool = False, onnx_fold_bias: bool = False, log=lambda msg: None) -> dict[str, Any]:
     """The whole lowering; returns the manifest."""
     from .tvm_build import TARGETS, compile_graph, export_library, target_dict  # TVM import is slow: lazily
 
@@ -66,7 +66,7 @@ def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None
     if onnx:
         from .onnx_export import save_onnx, to_onnx_qdq
 
-        files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph), p)
+        files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=onnx_fold_bias), p)
     info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "target": target, "target_dict": target_dict(target, **opts), "versions": versions(),
             "student": {"path": str(student), "sha256": sha256_file(student), "arch": ckpt["arch"],
@@ -74,6 +74,7 @@ def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None
             "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["N", *graph.input_shape]},
             "output": {"dtype": "int32", "classes": int(graph.tensors[graph.output].shape[-1]),
                        "real_logits": "int32 output * graph output scale (graph.json tensors[output].scale)"},
+            "onnx": {"exported": onnx, "fold_bias": onnx_fold_bias} if onnx else {"exported": False},
             "bits": bits_per_layer(graph), "param_bytes": params_bytes(graph),
             "compile_seconds": round(compile_seconds, 2)}
     manifest = write_artifact(out, graph, info, files, overwrite)
@@ -89,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="artifact folder (default artifacts/<student folder>/<target>)")
     p.add_argument("--cuda-arch", help="CUDA architecture, e.g. sm_80 or sm_90 (default sm_80)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX QDQ export")
+    p.add_argument("--onnx-fold-bias", action="store_true",
+                   help="fold biases into int32 conv biases in the ONNX export: ORT fuses more convs into "
+                        "QLinearConv, but its results drift from the integer graph by one code at some ties")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     args = p.parse_args(argv)
     if not args.student.is_file():
         raise DFQFError(f"student file not found: {args.student}")
     out = args.out or Path("artifacts") / args.student.resolve().parent.name / args.target
     manifest = compile_student(args.student, args.target, out, args.cuda_arch, not args.no_onnx, args.force,
-                               log=lambda m: print(f"[lower.compile] {m}", file=sys.stderr, flush=True))
+                               args.onnx_fold_bias, log=lambda m: print(f"[lower.compile] {m}", file=sys.stderr, flush=True))
     print(f"{out}: {', '.join(sorted(manifest['files']))}")
     return 0
 

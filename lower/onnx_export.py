@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import numpy_helper, TensorProto, helper
 
 from train.errors import DFQFError
 
@@ -67,7 +67,11 @@ class _Builder:
     def const(self, name: str, values, dtype: int, dims=None) -> str:
         values = np.asarray(values)
         dims = list(values.shape) if dims is None else dims
-        self.inits.append(helper.make_tensor(name, dtype, dims, values.ravel().tolist()))
+        if dtype in (TensorProto.INT4, TensorProto.UINT4):  # make_tensor packs two per byte
+            self.inits.append(helper.make_tensor(name, dtype, dims, values.ravel().tolist()))
+        else:  # raw little-endian bytes: int8 stored as int32 varints would be 5x larger
+            array = values.astype(helper.tensor_dtype_to_np_dtype(dtype)).reshape(dims)
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], output: str, **attrs) -> str:
