@@ -107,3 +107,21 @@ def test_compile_bad_input_is_one_line_exit_2(artifacts, args, message):
 def test_parity_bad_artifact_is_one_line_exit_2(tmp_path: Path):
     r = _cli("runtime.parity", str(tmp_path), "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "not a DFQF artifact" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
+    """Real teacher and images: DFQ W4A4 student -> llvm artifact -> runtime.parity on 100 test images."""
+    teacher = shared_data / "teachers" / "resnet20_cifar10_jpeg.pt"
+    r = _cli("train.ptq", "--method", "dfq", "--weights", str(teacher), "--out", str(tmp_path / "ptq"))
+    assert r.returncode == 0, r.stderr
+    compile_student(tmp_path / "ptq" / "student.pt", "llvm", tmp_path / "art")
+    r = _cli("runtime.parity", str(tmp_path / "art"), "--data-dir", str(shared_data), "--limit", "100")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result == json.loads((tmp_path / "art" / "parity.json").read_text())
+    assert result["n"] == 100 and result["tvm_equals_reference"] is True
+    assert result["integer_top1"] == result["reference_top1"]
+    assert result["top1_agreement"] >= 0.99 and result["ort_top1_agreement"] >= 0.97
+    assert result["max_lsb_diff_per_layer"]["input_aq"] == 0
+    assert max(result["isolated_max_lsb_diff_per_layer"].values()) <= 1
+    assert {"fp_top1", "fakequant_top1", "ort_top1"} <= set(result)
