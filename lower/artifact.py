@@ -10,7 +10,6 @@ half-written artifact; loading recomputes every sha256 and refuses files that do
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,20 +21,13 @@ from typing import Any, Callable
 import numpy as np
 
 from train.errors import DFQFError
+from train.models.registry import sha256_file as sha256
 
 from .graph import IntGraph
 from .int4 import pack_int4, unpack_int4
 
 FORMAT, VERSION = "dfqf.artifact", 1
 MANIFEST, GRAPH, PARAMS, LIBRARY, ONNX = "manifest.json", "graph.json", "params.npz", "model.so", "model.onnx"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packed(graph: IntGraph) -> set[str]:

@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from train.data import normalize
 from train.errors import DFQFError
 from train.quant import primitives as P
+from train.quant.convert import kind_names
 from train.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
 
 from .graph import IntGraph, Node, TensorInfo
@@ -373,7 +374,7 @@ LOWERINGS: dict[Any, Callable[[_Integerizer, fx.Node], Value]] = {
 
 
 def supported_ops() -> str:
-    return ", ".join(sorted({getattr(k, "__name__", str(k)) for k in LOWERINGS}))
+    return kind_names(LOWERINGS)
 
 
 def integerize(student: fx.GraphModule, mean: Sequence[float], std: Sequence[float],

@@ -226,8 +226,13 @@ CONVERTERS: dict[Any, Callable[[_Converter, fx.Node], _State]] = {
 }
 
 
+def kind_names(table: dict[Any, Any]) -> str:
+    """The layer kinds a converter table handles, by name, for error messages."""
+    return ", ".join(sorted({getattr(k, "__name__", str(k)) for k in table}))
+
+
 def supported_layers() -> str:
-    return ", ".join(sorted({getattr(k, "__name__", str(k)) for k in CONVERTERS}))
+    return kind_names(CONVERTERS)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
