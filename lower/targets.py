@@ -1,12 +1,16 @@
 """TVM targets and their Relax pipelines, as data (one table, no if-chains over target kinds).
 
 `TARGETS[name]` says how to build the TVM target dict from user options, which runtime device runs it and
-which Relax passes lower the integer graph for it. Speed is not tuned here: the passes only legalize,
-fuse and (on CUDA) bind threads with dlight's default GPU rules so every kernel is valid device code.
+which Relax passes lower the integer graph for it, and which hand-written schedule sets
+(`lower.schedules`) it may use, keyed by the CPU features they need. The passes only legalize, fuse and (on
+CUDA) bind threads with dlight's default GPU rules; speed comes from the schedule set chosen for the target
+(`select_schedules`), applied at compile time with no tuning. Ops a schedule set does not cover, and
+targets without a matching set, use TVM's default loops.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import tvm
@@ -44,7 +48,9 @@ def _cuda_target(arch: str | None = None, host: dict | None = None, **_: Any) ->
 
 def _legalize() -> list[tvm.transform.Pass]:
     T = relax.transform
-    return [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR()]
+    # parameter-only work (weight packing, per-channel terms) moves to main_transform_params, run once at
+    # upload (`IntegerExecutable.upload`)
+    return [T.LiftTransformParams(), T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR()]
 
 
 def _gpu_schedules() -> list[tvm.transform.Pass]:
@@ -53,6 +59,13 @@ def _gpu_schedules() -> list[tvm.transform.Pass]:
 
     return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                     dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+
+
+def _cpu_schedules() -> list[tvm.transform.Pass]:
+    """Elementwise kernels as one inlined loop nest (`lower.schedules.cpu_inline`); conv kernels untouched."""
+    from .schedules import cpu_inline
+
+    return cpu_inline.passes()
 
 
 def _vm_lowering(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
@@ -65,19 +78,57 @@ def _vm_lowering(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """make_target(**opts) -> tvm Target; device: tvm.runtime.device name; passes(): the Relax pipeline."""
+    """make_target(**opts) -> tvm Target; device: tvm.runtime.device name; passes(): the Relax pipeline;
+    schedules: (required target features, schedule module in `lower.schedules`), first match wins."""
 
     make_target: Callable[..., tvm.target.Target]
     device: str
     passes: Callable[[], list[tvm.transform.Pass]]
     options: tuple[str, ...]
+    schedules: tuple[tuple[tuple[str, ...], str], ...] = field(default=())
 
 
 TARGETS: dict[str, TargetSpec] = {
-    "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _vm_lowering(), ("mcpu",)),
+    "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu",),
+                       schedules=((("avx512vnni",), "x86_vnni"),)),  # else (AVX2, ...): default loops
     "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
                        ("arch", "host")),
 }
+NO_SCHEDULES = "none"
+
+
+def target_features(target: tvm.target.Target) -> Callable[[tuple[str, ...]], bool]:
+    """features -> whether `target` has all of them (LLVM's view of the target's mcpu/mattr)."""
+    if target.kind.name != "llvm":
+        return lambda features: not features
+    return lambda features: bool(tvm.target.codegen.llvm_cpu_has_features(list(features), target))
+
+
+def select_schedules(name: str, target: tvm.target.Target, choice: str = "auto",
+                     has_features: Callable[[tuple[str, ...]], bool] | None = None) -> str | None:
+    """The schedule set for target `name` (a `lower.schedules` module name), or None for default loops.
+
+    choice: "auto" (the first entry of TARGETS[name].schedules whose features the target has),
+    NO_SCHEDULES, or an entry's module name (an error if the target lacks its features).
+    """
+    spec = target_spec(name)
+    has = has_features or target_features(target)
+    if choice == NO_SCHEDULES:
+        return None
+    if choice == "auto":
+        return next((module for features, module in spec.schedules if has(features)), None)
+    entry = next((e for e in spec.schedules if e[1] == choice), None)
+    if entry is None:
+        raise DFQFError(f"target {name!r} has no schedule set {choice!r}; known: "
+                        f"{', '.join(['auto', NO_SCHEDULES] + [m for _, m in spec.schedules])}")
+    if not has(entry[0]):
+        raise DFQFError(f"schedule set {choice!r} needs {', '.join(entry[0])}, which target {target} lacks")
+    return choice
+
+
+def schedule_module(module: str | None) -> Any:
+    """The `lower.schedules.<module>` Python module (None stays None)."""
+    return None if module is None else importlib.import_module(f"lower.schedules.{module}")
 
 
 def target_spec(name: str) -> TargetSpec:

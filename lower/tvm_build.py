@@ -16,6 +16,12 @@ reference bit for bit:
   pad and reshape move values unchanged. Each node's result is cast to its TensorInfo storage dtype
   (uint8/int8/int32), which holds it exactly (the reference checks the value ranges).
 
+Speed. `compile_graph` picks a schedule set from the target's CPU features (`lower.targets.select_schedules`):
+on AVX-512 VNNI hosts conv2d runs as a tensorized u8 x s8 vpdpbusd kernel (`lower.schedules.x86_vnni`, exact
+form sum(u * w) - zp_u * sum(w) + bias); elsewhere the int16 form above with TVM's default loops. main
+carries num_input=1, so relax LiftTransformParams moves parameter-only work (weight packing, int4 unpack,
+per-channel terms) into `main_transform_params`, which `IntegerExecutable.upload` runs once.
+
 int4. TVM 0.27 cannot store int4 tensors, so a weight with weight_bits <= 4 is passed packed in the
 `lower.int4` layout (uint8, ceil(size/2) bytes, element 2i in the low nibble of byte i, 2i+1 in the high
 nibble, 4-bit two's complement) and unpacked inside the graph: lo = b & 15, hi = b >> 4, interleaved by
@@ -40,7 +46,8 @@ from train.errors import DFQFError
 
 from .graph import OPS, IntGraph, Node
 from .int4 import pack_int4
-from .targets import TARGETS, gpu_arch, make_target, relax_pipeline, target_dict, target_spec
+from .targets import (TARGETS, gpu_arch, make_target, relax_pipeline, schedule_module, select_schedules, target_dict,
+                      target_spec)
 
 __all__ = ["CONVERTERS", "GraphBuilder", "IntegerExecutable", "build_relax", "compile_cuda_ptx", "compile_graph",
            "cuda_source", "export_library", "find_nvcc", "gpu_arch", "load_executable", "pack_params",
@@ -105,9 +112,10 @@ def _cast(e: relax.Expr, dtype: str) -> relax.Expr:
 class GraphBuilder:
     """What a converter sees: the BlockBuilder, the graph, the batch size and the parameter variables."""
 
-    def __init__(self, g: IntGraph) -> None:
+    def __init__(self, g: IntGraph, schedules: Any = None) -> None:
         self.bb = relax.BlockBuilder()
         self.graph = g
+        self.schedules = schedules  # a lower.schedules module, or None: default loops only
         self.batch = tvm.tirx.Var("n", "int64")
         h, w, c = g.input_shape
         self.x = relax.Var("x", relax.TensorType([self.batch, h, w, c], "uint8"))
@@ -160,6 +168,10 @@ def _centered(x: relax.Expr, zero_point: int) -> tuple[relax.Expr, str]:
 
 
 def _conv2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    if b.schedules is not None:  # a hand-scheduled kernel, when the set covers this conv
+        acc = b.schedules.emit_conv2d(b, n, xs[0])
+        if acc is not None:
+            return acc
     a = n.attrs
     x, dtype = _centered(xs[0], int(a["input_zero_point"]))
     acc = R.nn.conv2d(x, _cast(b.param(n, "weight"), dtype), strides=list(a["stride"]),
@@ -267,13 +279,15 @@ CONVERTERS: dict[str, Converter] = {
 }
 
 
-def build_relax(g: IntGraph) -> tvm.IRModule:
-    """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...]."""
+def build_relax(g: IntGraph, schedules: str | None = None) -> tvm.IRModule:
+    """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...].
+
+    schedules: a `lower.schedules` module name whose kernels replace the default ops they cover."""
     missing = sorted({n.op for n in g.nodes if n.op not in CONVERTERS})
     if missing:
         raise DFQFError(f"the TVM lowering has no converter for {', '.join(missing)}; "
                         f"supported: {', '.join(CONVERTERS)}")
-    b = GraphBuilder(g)
+    b = GraphBuilder(g, schedule_module(schedules))
     with b.bb.function("main", [b.x, *b.params.values()]):
         with b.bb.dataflow():
             env: dict[str, relax.Expr] = {g.input_name: b.x}
@@ -283,14 +297,19 @@ def build_relax(g: IntGraph) -> tvm.IRModule:
                 env[n.name] = y if _dtype(y) == storage else b.emit(R.astype(y, storage))
             out = b.bb.emit_output(_cast(env[g.output], "int32"))
         b.bb.emit_func_output(out)
-    return b.bb.get()
+    mod = b.bb.get()
+    mod["main"] = mod["main"].with_attr("num_input", 1)  # the rest are parameters (LiftTransformParams)
+    return mod
 
 
 # -- compiling, exporting, loading ------------------------------------------------------------------------
-def compile_graph(g: IntGraph, target: str = "llvm", **opts: Any) -> relax.VMExecutable:
-    """Compile `g` for `target` (a key of `lower.targets.TARGETS`; opts e.g. mcpu=..., arch='sm_90')."""
+def compile_graph(g: IntGraph, target: str = "llvm", *, schedules: str = "auto", **opts: Any) -> relax.VMExecutable:
+    """Compile `g` for `target` (a key of `lower.targets.TARGETS`; opts e.g. mcpu=..., arch='sm_90').
+
+    schedules: "auto" (the set `lower.targets.select_schedules` picks from the target's CPU features),
+    "none" (TVM's default loops), or a set's name."""
     tvm_target = make_target(target, **opts)
-    mod = build_relax(g)
+    mod = build_relax(g, select_schedules(target, tvm_target, schedules))
     return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(target))
 
 
@@ -302,17 +321,34 @@ def export_library(executable: relax.VMExecutable, path: str | os.PathLike) -> P
     return path
 
 
+class PreparedParams(list):
+    """`IntegerExecutable.upload`'s result: device tensors in the compiled main's own parameter layout."""
+
+
+TRANSFORM_PARAMS = "main_transform_params"  # made by relax LiftTransformParams from main's parameter-only work
+
+
 class IntegerExecutable:
     """A loaded module: `self(pixels, params)` -> int32 numpy logits; params in `param_order` (or `upload`ed)."""
 
     def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
         self.device = device
         self.vm = relax.VirtualMachine(module, device)
+        try:
+            self.transform_params = self.vm[TRANSFORM_PARAMS] is not None
+        except (AttributeError, KeyError, RuntimeError, ValueError, tvm.error.InternalError):
+            self.transform_params = False
 
-    def upload(self, params: Sequence[Any]) -> list[Any]:
-        """Parameters as device tensors (do it once, then pass the result to every call)."""
-        return [p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(p), self.device)
-                for p in params]
+    def upload(self, params: Sequence[Any]) -> PreparedParams:
+        """Parameters (in `param_order`) as device tensors in main's layout: do it once, then pass the result
+        to every call. Weight packing and per-channel constants run here, once, not in every call."""
+        if isinstance(params, PreparedParams):
+            return params
+        tensors = [p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(p), self.device)
+                   for p in params]
+        if self.transform_params:
+            tensors = list(self.vm[TRANSFORM_PARAMS](tensors))
+        return PreparedParams(tensors)
 
     def __call__(self, pixels: np.ndarray, params: Sequence[Any]) -> np.ndarray:
         pixels = np.asarray(pixels)

@@ -1,0 +1,89 @@
+"""Hand-written schedules (`lower.schedules`): bit-exact against the NumPy reference, and chosen by target features.
+
+The VNNI conv tests run only where the host has avx512vnni; the selection tests do not depend on the host.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from lower import tvm_build as tb
+from lower.reference import run_graph
+from lower.schedules import x86_vnni
+from lower.targets import NO_SCHEDULES, make_target, select_schedules
+from test_tvm_build import BATCHES, C, H, W, GraphMaker
+from train.errors import DFQFError
+
+HOST_VNNI = bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], make_target("llvm")))
+requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512vnni")
+
+
+# -- selection: data in lower.targets, decided by the target's features ------------------------------------
+def test_selection_follows_target_features():
+    assert select_schedules("llvm", make_target("llvm", mcpu="znver4")) == "x86_vnni"
+    assert select_schedules("llvm", make_target("llvm", mcpu="cascadelake")) == "x86_vnni"
+    assert select_schedules("llvm", make_target("llvm", mcpu="haswell")) is None  # AVX2: default loops
+    assert select_schedules("llvm", make_target("llvm", mcpu="znver4"), NO_SCHEDULES) is None
+    assert select_schedules("cuda", make_target("cuda")) is None
+
+
+def test_selection_with_injected_features():
+    target = make_target("llvm", mcpu="haswell")
+    assert select_schedules("llvm", target, has_features=lambda f: set(f) <= {"avx512vnni"}) == "x86_vnni"
+    with pytest.raises(DFQFError, match="needs avx512vnni"):
+        select_schedules("llvm", target, "x86_vnni")
+    with pytest.raises(DFQFError, match="no schedule set 'nope'"):
+        select_schedules("llvm", target, "nope")
+
+
+def test_supports_checks_exactness_bounds():
+    m = GraphMaker(0, "uint8", 3)
+    m.conv("c", "q", 16)
+    node = m.nodes[-1]
+    assert x86_vnni.supports(node, "uint8") and x86_vnni.supports(node, "int8")
+    assert not x86_vnni.supports(node, "int32")
+    node.attrs["groups"] = 3
+    assert not x86_vnni.supports(node, "uint8")
+
+
+# -- exactness of the scheduled conv ---------------------------------------------------------------------------
+def _assert_exact_vnni(g) -> None:
+    ex = tb.compile_graph(g, "llvm", mcpu="znver4")
+    run = tb.IntegerExecutable(ex.mod, tvm.cpu())
+    params = run.upload(tb.pack_params(g))
+    rng = np.random.default_rng(7)
+    for batch in BATCHES:
+        x = rng.integers(0, 256, (batch, H, W, C), dtype=np.uint8)
+        x[0, :2] = 0
+        x[-1, -2:] = 255
+        np.testing.assert_array_equal(run(x, params), run_graph(g, x))
+
+
+@requires_vnni
+@pytest.mark.parametrize("input_dtype,zp,kw", [
+    ("uint8", 17, dict(stride=(1, 1), padding=(1, 1))),
+    ("uint8", 250, dict(stride=(2, 2), padding=(1, 1), bits=4)),
+    ("int8", -9, dict(stride=(2, 1), padding=(0, 2), dilation=(2, 1))),
+    ("int8", 100, dict(k=1, stride=(2, 2), padding=(0, 0), bits=4)),
+])
+def test_vnni_conv_matches_reference(input_dtype, zp, kw):
+    m = GraphMaker(2, input_dtype, zp)
+    x = m.conv("c1", "q", 20, **kw)  # 20 outputs: the last 16-channel block is padded
+    x = m.requantize("r1", [x], relu=True)
+    m.conv("c2", x, 16, bits=kw.get("bits", 8))  # 20 inputs: Cin not a multiple of... 4 (20 is), 16 (not)
+    g = m.graph()
+    assert "vnni" in tb.build_relax(g, "x86_vnni").script()
+    _assert_exact_vnni(g)
+
+
+@requires_vnni
+def test_vnni_conv_with_grouped_fallback_and_residual():
+    m = GraphMaker(3, "uint8", 5)
+    a = m.conv("c1", "q", 8)
+    a = m.requantize("r1", [a])
+    b = m.conv("c2", a, 8, groups=2)  # grouped: default loops
+    b2 = m.conv("c3", a, 8, k=1, padding=(0, 0))
+    m.requantize("y", [b, "r1"], relu=True)
+    m.requantize("y2", [b2, "y"])
+    _assert_exact_vnni(m.graph())
