@@ -122,6 +122,7 @@ def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
     assert result["n"] == 100 and result["tvm_equals_reference"] is True
     assert result["integer_top1"] == result["reference_top1"]
     assert result["top1_agreement"] >= 0.99 and result["ort_top1_agreement"] >= 0.97
+    assert result["top1_agreement_vs_fp64_fakequant"] >= 0.99
     assert result["max_lsb_diff_per_layer"]["input_aq"] == 0
     assert max(result["isolated_max_lsb_diff_per_layer"].values()) <= 1
     assert {"fp_top1", "fakequant_top1", "ort_top1"} <= set(result)
