@@ -4,6 +4,13 @@
 module serves every batch size), the integer parameters are arguments in `param_order(g)` order, and the
 result is int32 [n, classes]. A converter table (`CONVERTERS`) maps each graph op to Relax ops.
 
+Layout. The graph's rank-4 tensors are NCHW; inside main they are NHWC (`internal_axes`): the pixels
+arrive NHWC, the VNNI conv reads and writes NHWC, and the integer semantics do not depend on the layout,
+so keeping channels last removes a transpose on each side of every conv and makes the per-channel
+requantize vectorize along contiguous channels. Only axis-carrying attributes (slice, pad, pooling,
+reshape, the channel axis of per-channel parameters) are remapped; a reshape out of rank 4 and a rank-4
+graph output go through NCHW so the element order is the graph's.
+
 Exactness. Every op is integer arithmetic with no possible overflow, so TVM matches the NumPy int64
 reference bit for bit:
 - conv2d/dense: (x - input_zero_point) is formed in int16 (|.| <= 510) *before* the conv's zero padding,
@@ -18,7 +25,9 @@ reference bit for bit:
 
 Speed. `compile_graph` picks a schedule set from the target's CPU features (`lower.targets.select_schedules`):
 on AVX-512 VNNI hosts conv2d runs as a tensorized u8 x s8 vpdpbusd kernel (`lower.schedules.x86_vnni`, exact
-form sum(u * w) - zp_u * sum(w) + bias); elsewhere the int16 form above with TVM's default loops. main
+form sum(u * w) - zp_u * sum(w) + bias, with the following requantize fused in as its epilogue when the conv
+is that requantize's term and has no other consumer: `_conv_requantize_pairs`); elsewhere the int16 form
+above with TVM's default loops. main
 carries num_input=1, so relax LiftTransformParams moves parameter-only work (weight packing, int4 unpack,
 per-channel terms) into `main_transform_params`, which `IntegerExecutable.upload` runs once.
 
@@ -109,6 +118,23 @@ def _cast(e: relax.Expr, dtype: str) -> relax.Expr:
     return e if _dtype(e) == dtype else R.astype(e, dtype)
 
 
+NHWC = (0, 3, 1, 2)  # graph (NCHW) axis -> internal axis, for rank-4 tensors
+
+
+def internal_axes(rank: int) -> tuple[int, ...]:
+    """internal_axes(rank)[a]: where the graph's axis `a` of a rank-`rank` tensor lives inside main."""
+    return NHWC if rank == 4 else tuple(range(rank))
+
+
+def to_graph_layout(x: relax.Expr, rank: int) -> relax.Expr:
+    """An internal tensor in the graph's own axis order (NCHW for rank 4)."""
+    return R.permute_dims(x, list(internal_axes(rank))) if rank == 4 else x
+
+
+def to_internal_layout(x: relax.Expr, rank: int) -> relax.Expr:
+    return R.permute_dims(x, [0, 2, 3, 1]) if rank == 4 else x
+
+
 class GraphBuilder:
     """What a converter sees: the BlockBuilder, the graph, the batch size and the parameter variables."""
 
@@ -144,12 +170,15 @@ class GraphBuilder:
         return self.emit(R.reshape(v, list(shape)))
 
     def per_channel(self, v: relax.Expr, rank: int) -> relax.Expr:
-        """[C] -> [1, C, 1, ...] to broadcast along axis 1 of a rank-`rank` tensor."""
-        return R.reshape(self.emit(v), [1, -1] + [1] * (rank - 2))
+        """[C] -> the shape that broadcasts along the channel axis (graph axis 1) of a rank-`rank` tensor
+        in main's internal layout: [1, 1, 1, C] for NHWC, [1, C, 1, ...] otherwise."""
+        shape = [1] * rank
+        shape[internal_axes(rank)[1]] = -1
+        return R.reshape(self.emit(v), shape)
 
 
 def _quantize_input(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
-    """out[n, c, h, w] = lut[c, x[n, h, w, c]] as a gather from the flattened [C * 256] table.
+    """out[n, c, h, w] = lut[c, x[n, h, w, c]] as a gather from the flattened [C * 256] table (NHWC inside).
 
     The table is cast to the output's storage dtype first (its entries are output values), so the gather
     moves bytes; "clip" mode only silences TVM's warning: the indices are in range by construction.
@@ -157,7 +186,7 @@ def _quantize_input(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Exp
     c = int(np.shape(n.params["lut"])[0])
     flat = R.astype(R.reshape(b.param(n, "lut"), [c * 256]), b.graph.tensors[n.name].dtype)
     index = R.add(R.astype(xs[0], "int32"), relax.const(np.arange(c, dtype=np.int32) * 256, "int32"))
-    return R.permute_dims(R.take(flat, index, axis=0, mode="clip"), [0, 3, 1, 2])
+    return R.take(flat, index, axis=0, mode="clip")
 
 
 def _centered(x: relax.Expr, zero_point: int) -> tuple[relax.Expr, str]:
@@ -176,7 +205,7 @@ def _conv2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
     x, dtype = _centered(xs[0], int(a["input_zero_point"]))
     acc = R.nn.conv2d(x, _cast(b.param(n, "weight"), dtype), strides=list(a["stride"]),
                       padding=list(a["padding"]), dilation=list(a["dilation"]), groups=int(a["groups"]),
-                      out_dtype="int32")
+                      data_layout="NHWC", kernel_layout="OIHW", out_dtype="int32")
     return R.add(acc, b.per_channel(b.param(n, "bias"), 4))
 
 
@@ -211,11 +240,11 @@ def _requantize(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
 def _sum_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
     (kh, kw), (sh, sw) = n.attrs["kernel"], n.attrs["stride"]
 
-    def window_sum(x: te.Tensor) -> te.Tensor:
-        batch, c, h, w = x.shape
+    def window_sum(x: te.Tensor) -> te.Tensor:  # NHWC
+        batch, h, w, c = x.shape
         rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
-        return te.compute((batch, c, (h - kh) // sh + 1, (w - kw) // sw + 1),
-                          lambda i, j, y, z: te.sum(x[i, j, y * sh + rh, z * sw + rw].astype("int32"), axis=[rh, rw]),
+        return te.compute((batch, (h - kh) // sh + 1, (w - kw) // sw + 1, c),
+                          lambda i, y, z, j: te.sum(x[i, y * sh + rh, z * sw + rw, j].astype("int32"), axis=[rh, rw]),
                           name="sum_pool2d")
 
     return b.bb.emit_te(window_sum, xs[0], primfunc_name_hint="sum_pool2d")
@@ -224,7 +253,7 @@ def _sum_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
 def _max_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
     a = n.attrs
     return R.nn.max_pool2d(xs[0], pool_size=list(a["kernel"]), strides=list(a["stride"]),
-                           padding=list(a["padding"]), layout="NCHW")
+                           padding=list(a["padding"]), layout="NHWC")
 
 
 def _clamp(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
@@ -235,6 +264,7 @@ def _strided_slice(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr
     """Python slice semantics per axis; static shapes let us resolve negative/out-of-range bounds here."""
     a = n.attrs
     shape = (None, *b.graph.tensors[n.inputs[0]].shape)
+    axes = internal_axes(len(shape))
     x = xs[0]
     for axis, (begin, end, step) in enumerate(zip(a["begin"], a["end"], a["step"])):
         if axis == 0:
@@ -245,10 +275,10 @@ def _strided_slice(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr
         if (start, stop, stride) == (0, shape[axis], 1):
             continue
         if stride > 0:
-            x = R.strided_slice(x, [axis], [start], [max(stop, start)], [stride])
+            x = R.strided_slice(x, [axes[axis]], [start], [max(stop, start)], [stride])
         else:  # a reversed range: gather the indices (relax would wrap a stop of -1)
             index = np.arange(start, stop, stride, dtype=np.int64)
-            x = R.take(x, relax.const(index, "int64"), axis=axis)
+            x = R.take(x, relax.const(index, "int64"), axis=axes[axis])
     return x
 
 
@@ -256,12 +286,17 @@ def _pad(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
     pads = [[int(p) for p in ab] for ab in n.attrs["pads"]]
     if pads[0] != [0, 0]:
         raise DFQFError(f"{n.name}: padding the batch axis is not supported by the TVM lowering")
+    axes = internal_axes(len(pads))
+    pads = [pads[axes.index(i)] for i in range(len(pads))]  # internal axis i holds graph axis axes.index(i)
     # relax takes the pad value as a C++ double: exact for every int32 value
     return R.nn.pad(xs[0], [p for ab in pads for p in ab], "constant", float(n.attrs["value"]))
 
 
 def _reshape(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
-    return R.reshape(xs[0], [b.batch, *b.graph.tensors[n.name].shape])
+    """A reshape is defined on the graph's (NCHW) element order: leave and re-enter the internal layout."""
+    x = to_graph_layout(xs[0], len(b.graph.tensors[n.inputs[0]].shape) + 1)
+    shape = b.graph.tensors[n.name].shape
+    return to_internal_layout(R.reshape(x, [b.batch, *shape]), len(shape) + 1)
 
 
 Converter = Callable[[GraphBuilder, Node, list[relax.Expr]], relax.Expr]
@@ -279,6 +314,22 @@ CONVERTERS: dict[str, Converter] = {
 }
 
 
+def _conv_requantize_pairs(g: IntGraph) -> dict[str, Node]:
+    """requantize name -> the conv2d whose only consumer it is (and that it reads once): pairs a schedule set
+    may emit as one kernel (`emit_conv2d_requantize`), so the int32 accumulator never reaches memory."""
+    consumers: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    pairs = {}
+    for n in g.nodes:
+        users = consumers.get(n.name, [])
+        if n.op == "conv2d" and n.name != g.output and len(users) == 1 and users[0].op == "requantize" \
+                and users[0].inputs.count(n.name) == 1:
+            pairs[users[0].name] = n
+    return pairs
+
+
 def build_relax(g: IntGraph, schedules: str | None = None) -> tvm.IRModule:
     """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...].
 
@@ -288,14 +339,31 @@ def build_relax(g: IntGraph, schedules: str | None = None) -> tvm.IRModule:
         raise DFQFError(f"the TVM lowering has no converter for {', '.join(missing)}; "
                         f"supported: {', '.join(CONVERTERS)}")
     b = GraphBuilder(g, schedule_module(schedules))
+    fusable = _conv_requantize_pairs(g) if hasattr(b.schedules, "emit_conv2d_requantize") else {}
+    deferred = {conv.name: conv for conv in fusable.values()}
     with b.bb.function("main", [b.x, *b.params.values()]):
         with b.bb.dataflow():
             env: dict[str, relax.Expr] = {g.input_name: b.x}
-            for n in g.nodes:
+
+            def emit_node(n: Node) -> None:
                 y = b.emit(CONVERTERS[n.op](b, n, [env[i] for i in n.inputs]))
                 storage = g.tensors[n.name].dtype
                 env[n.name] = y if _dtype(y) == storage else b.emit(R.astype(y, storage))
-            out = b.bb.emit_output(_cast(env[g.output], "int32"))
+
+            for n in g.nodes:
+                if n.name in deferred:  # emitted with its requantize (which comes later in graph order)
+                    continue
+                conv = fusable.get(n.name)
+                if conv is not None:
+                    terms = [None if i == conv.name else env[i] for i in n.inputs]
+                    y = b.schedules.emit_conv2d_requantize(b, conv, n, env[conv.inputs[0]], terms)
+                    if y is not None:
+                        env[n.name] = b.emit(y)
+                        continue
+                    emit_node(conv)  # the schedule set cannot fuse this pair: the two ops, one by one
+                emit_node(n)
+            out = b.emit(to_graph_layout(env[g.output], len(g.tensors[g.output].shape) + 1))
+            out = b.bb.emit_output(_cast(out, "int32"))
         b.bb.emit_func_output(out)
     mod = b.bb.get()
     mod["main"] = mod["main"].with_attr("num_input", 1)  # the rest are parameters (LiftTransformParams)

@@ -87,3 +87,39 @@ def test_vnni_conv_with_grouped_fallback_and_residual():
     m.requantize("y", [b, "r1"], relu=True)
     m.requantize("y2", [b2, "y"])
     _assert_exact_vnni(m.graph())
+
+
+@requires_vnni
+@pytest.mark.parametrize("dtype,per_channel", [("uint8", True), ("int8", False)])
+def test_conv_requantize_fused_into_one_kernel(dtype, per_channel):
+    """A conv whose only consumer is a requantize runs as one kernel with the requantize as its epilogue
+    (residual terms included, any zero points); pairs the epilogue cannot take fall back to two ops."""
+    m = GraphMaker(5, "uint8", 7)
+    a = m.requantize("a", [m.conv("c0", "q", 16)], zero_point=9)  # 16 channels: residual-capable
+    b = m.conv("c1", a, 16)
+    m.requantize("y", [b, a], dtype=dtype, zero_point=-5 if dtype == "int8" else 4, per_channel=per_channel)
+    z = m.requantize("z", [m.conv("c2", "y", 16, k=1, padding=(0, 0)), m.conv("c3", "y", 16)])  # int32 residual
+    m.requantize("w", [m.conv("c4", z, 20), m.conv("c5", z, 20)])  # residual of 20 channels: not fusable
+    g = m.graph()
+    kernels = {gv.name_hint.removesuffix("_conv2d_vnni"): [p.name for p in f.params]
+               for gv, f in tb.build_relax(g, "x86_vnni").functions_items() if gv.name_hint.endswith("_conv2d_vnni")}
+    assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
+    assert {name for name, params in kernels.items() if "multiplier" in params} == {"c0", "c1", "c3"}
+    _assert_exact_vnni(g)
+
+
+def test_register_tile_fits_the_accumulators():
+    assert x86_vnni.register_tile(32, 1) == (16, 1)
+    assert x86_vnni.register_tile(16, 2) == (8, 2)
+    assert x86_vnni.register_tile(8, 4) == (4, 4)
+    assert x86_vnni.register_tile(7, 1) == (7, 1)
+    assert all(zt * obt <= x86_vnni.MAX_ACC for zt, obt in (x86_vnni.register_tile(w, o) for w in range(1, 40)
+                                                            for o in range(1, 9)))
+
+
+def test_default_loops_match_reference():
+    """The NHWC-internal lowering with TVM's default loops (hosts without a schedule set), every op."""
+    from test_tvm_build import all_ops_graph, assert_exact
+
+    g = all_ops_graph(1)
+    assert_exact(g, tb.compile_graph(g, "llvm", schedules=NO_SCHEDULES))
