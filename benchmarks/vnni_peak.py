@@ -1,0 +1,139 @@
+"""This core's u8 x s8 dot-product peak (AVX-512 VNNI vpdpbusd), and the latency it allows ResNet20.
+
+    python -m benchmarks.vnni_peak [--artifact A] [--batch 1,128] [--reps 200]
+
+`benchmarks/vnni_peak.c` (gcc -O2 -mavx512f -mavx512vnni, loaded with ctypes) runs 16 independent
+vpdpbusd zmm accumulators per loop iteration (64 MACs each), one thread. Each rep is short (about a millisecond) and
+the machine is shared, so the *best* rep is the peak (a rep that was not preempted); the median is also
+reported. A chain of dependent 1-cycle adds gives the clock, hence vpdpbusd per cycle. The VNNI-limited
+latency of a network is MACs x batch / peak: what a kernel doing nothing but vpdpbusd at full rate would
+take (no loads, no requantization).
+
+The last stdout line is JSON: gmacs (peak, GMAC/s), gops (= 2 x gmacs), ghz, macs_per_cycle,
+macs_per_image and limit_ms per batch size.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from train.errors import CLIParser, DFQFError, cli_main, positive_int
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ["-O2", "-mavx512f", "-mavx512vnni", "-shared", "-fPIC"]
+
+
+def has_vnni() -> bool:
+    try:
+        return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def build_library(cache: Path | None = None) -> ctypes.CDLL:
+    """Compile vnni_peak.c once (cached by source hash) and load it."""
+    if not has_vnni():
+        raise DFQFError("this CPU has no AVX-512 VNNI (avx512_vnni not in /proc/cpuinfo)")
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise DFQFError("no C compiler (gcc) on PATH")
+    from train.models.registry import cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = (cache or cache_dir() / "vnni_peak") / f"vnni_peak_{digest}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(".tmp.so")
+        proc = subprocess.run([gcc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DFQFError(f"gcc failed: {proc.stderr.strip()[:500]}")
+        tmp.replace(lib)
+    dll = ctypes.CDLL(str(lib))
+    dll.vnni_loop.restype = ctypes.c_int64
+    dll.vnni_loop.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int32)]
+    dll.add_chain.restype = ctypes.c_int64
+    dll.add_chain.argtypes = [ctypes.c_int64]
+    return dll
+
+
+def _rates(fn, reps: int) -> np.ndarray:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        work = fn()
+        out.append(work / (time.perf_counter() - t0))
+    return np.asarray(out)
+
+
+def measure_peak(reps: int = 200, iters: int = 250_000) -> dict[str, float]:
+    """Peak and median u8 x s8 GMAC/s of one thread, the clock (GHz) and MACs per cycle."""
+    dll = build_library()
+    sink = ctypes.c_int32()
+    dll.vnni_loop(iters // 10, ctypes.byref(sink))  # wake the core up
+    macs = _rates(lambda: dll.vnni_loop(iters, ctypes.byref(sink)), reps)
+    cycles = _rates(lambda: dll.add_chain(4 * iters), reps)  # returns cycles
+    ghz = float(cycles.max()) / 1e9
+    gmacs = float(macs.max()) / 1e9
+    return {"gmacs": round(gmacs, 1), "gmacs_median": round(float(np.median(macs)) / 1e9, 1),
+            "gops": round(2 * gmacs, 1), "ghz": round(ghz, 2), "macs_per_cycle": round(gmacs / ghz, 1),
+            "vpdpbusd_zmm_per_cycle": round(gmacs / ghz / 64, 2),
+            "reps": reps}
+
+
+def resnet_macs(arch: str = "resnet20") -> int:
+    """MACs per image of a registered architecture's Conv2d and Linear layers (forward hooks)."""
+    import torch
+
+    from train.models import build_model, get_arch
+
+    model, total = build_model(arch).eval(), [0]
+
+    def hook(m, inp, out):
+        if isinstance(m, torch.nn.Conv2d):
+            total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total[0] += m.in_features * m.out_features
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, *get_arch(arch).input_size))
+    return total[0]
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    from runtime.bench import graph_macs, int_list
+
+    p = CLIParser(prog="python -m benchmarks.vnni_peak", description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", type=Path, help="take the MACs from this artifact's integer graph")
+    p.add_argument("--arch", default="resnet20", help="else from this architecture (default resnet20)")
+    p.add_argument("--batch", type=int_list, default=[1, 128])
+    p.add_argument("--reps", type=positive_int, default=200)
+    args = p.parse_args(argv)
+    if args.artifact is not None:
+        from lower.artifact import load_graph
+
+        macs, source = graph_macs(load_graph(args.artifact)), str(args.artifact)
+    else:
+        macs, source = resnet_macs(args.arch), args.arch
+    peak = measure_peak(args.reps)
+    limit = {str(b): round(macs * b / (peak["gmacs"] * 1e9) * 1e3, 4) for b in args.batch}
+    print(f"vpdpbusd peak {peak['gmacs']} GMAC/s ({peak['gops']} GOP/s; median {peak['gmacs_median']}) at "
+          f"~{peak['ghz']} GHz = {peak['macs_per_cycle']} MAC/cycle; {source}: {macs / 1e6:.2f} MMAC/image -> "
+          + ", ".join(f"batch {b}: {ms} ms" for b, ms in limit.items()), file=sys.stderr)
+    print(json.dumps({**peak, "macs_per_image": macs, "macs_source": source, "limit_ms": limit}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
