@@ -64,7 +64,8 @@ def test_smoke_run_writes_every_output(schedule: str, tmp_path: Path) -> None:
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
-    args = [*TINY, "--g-steps", "150", "--s-epochs", "20", "--checkpoint-every", "3"]
+    # the EMA of the student is part of the state a resume must restore
+    args = [*TINY, "--g-steps", "150", "--s-epochs", "20", "--checkpoint-every", "3", "--s-ema", "0.1"]
     reference = tmp_path / "reference"
     assert run_dfqf(*args, "--out", str(reference)).returncode == 0
 
@@ -98,8 +99,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    r = run_dfqf("--standalone", "--nproc_per_node", "2", "-m", "train.dfqf", *TINY, "--out", str(out),
-                 module=["-m", "torch.distributed.run"], timeout=300)
+    r = run_dfqf("--standalone", "--nproc_per_node", "2", "-m", "train.dfqf", *TINY, "--s-ema", "0.1",
+                 "--out", str(out), module=["-m", "torch.distributed.run"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
@@ -190,3 +191,65 @@ def test_smoke_run_with_augmentation(tmp_path: Path) -> None:
     r = run_dfqf(*TINY, "--s-augment", "true", "--out", str(tmp_path / "aug"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kd" in metrics(tmp_path / "aug")[-1]
+
+
+def test_ema_decay_from_half_life_fraction() -> None:
+    from train.dfqf import ema_decay
+
+    assert ema_decay(0.0, 400) == 0.0
+    d = ema_decay(0.05, 400)  # half-life 20 steps
+    assert abs(d ** 20 - 0.5) < 1e-12
+    assert ema_decay(0.05, 4000) > d  # a longer run averages over more steps
+
+
+def test_ema_student_follows_the_reference_recurrence_and_is_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record the student after each update; the saved student must be
+    ema_0 = calibrated student, ema_k = d*ema_{k-1} + (1-d)*student_k (float64 reference),
+    with d from a half-life of 0.25 of the 12 student steps (3 steps)."""
+    import train.dfqf as D
+
+    seen: dict[str, list] = {"reset": [], "update": []}
+    real_reset, real_update = D.StudentEMA.reset, D.StudentEMA.update
+
+    def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().double() if v.is_floating_point() else v.clone()
+                for k, v in model.state_dict().items()}
+
+    def reset(self, student):
+        seen["reset"].append(snapshot(student))
+        real_reset(self, student)
+
+    def update(self, student):
+        seen["update"].append(snapshot(student))
+        real_update(self, student)
+
+    monkeypatch.setattr(D.StudentEMA, "reset", reset)
+    monkeypatch.setattr(D.StudentEMA, "update", update)
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    assert D.main([*TINY, "--s-epochs", "3", "--s-ema", "0.25", "--out", str(out)]) == 0
+
+    steps = 3 * 64 // 16
+    assert len(seen["reset"]) == 1 and len(seen["update"]) == steps
+    decay = 0.5 ** (1 / (0.25 * steps))
+    report = json.loads((out / "report.json").read_text())
+    assert report["student_ema_decay"] == pytest.approx(decay, rel=1e-12)
+    ref = seen["reset"][0]
+    for state in seen["update"]:
+        ref = {k: decay * v + (1 - decay) * state[k] if v.is_floating_point() else state[k]
+               for k, v in ref.items()}
+    saved, _ = load_student(out / "student.pt")
+    last = seen["update"][-1]
+    moved = 0.0
+    for k, v in saved.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v.double(), ref[k], atol=1e-6, rtol=1e-6, msg=f"{k}: not the EMA")
+            moved = max(moved, float((v.double() - last[k]).abs().max()))
+        else:
+            assert torch.equal(v, ref[k]), k
+    assert moved > 1e-4, "the saved student equals the last student: the average changed nothing"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["student_ema"] is not None
+    for k, v in saved.state_dict().items():
+        assert torch.equal(v, ckpt["student_ema"][k].cpu()), k

@@ -7,6 +7,8 @@ Stage 1 trains a generator G against the frozen FP teacher T (inception-score, B
 adversarial losses against the student S). Then a synthetic set is drawn from G (kept as uint8, with the
 teacher's logits) and S — the teacher with BN folded and LSQ quantizers inserted — is fine-tuned on it by
 knowledge distillation. `--schedule alternating` instead interleaves G and S updates (DFAD/GDFQ style).
+With `s_ema` > 0 an exponential moving average of the student's float state is kept during fine-tuning;
+it is what is evaluated, reported and saved.
 No real training image is ever used: the data folder is read only to evaluate.
 
 Outputs in --out: config.json, generator.pt, student.pt, metrics.jsonl, report.json, samples.png,
@@ -14,6 +16,7 @@ synthetic.pt, checkpoint.pt (resume with --resume after any interruption, SIGKIL
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -142,6 +145,47 @@ def flip_and_shift(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.T
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
+def ema_decay(half_life_fraction: float, steps: int) -> float:
+    """Per-step decay of an EMA whose half-life is `half_life_fraction` of `steps` (0 disables: 0.0).
+
+    The same setting then averages over the same share of a run of any length, e.g. 0.05 of 400 steps
+    is a half-life of 20 steps: decay = 0.5 ** (1 / 20) = 0.9659; of 4000 steps, 0.99827.
+    """
+    if half_life_fraction <= 0:
+        return 0.0
+    return 0.5 ** (1.0 / max(half_life_fraction * steps, 1e-9))
+
+
+class StudentEMA:
+    """Exponential moving average of a student's floating-point state: weights, biases, LSQ step sizes.
+
+    After every optimizer step, ema <- decay * ema + (1 - decay) * student for each float tensor of the
+    state dict; integer buffers (zero points) are copied. The average is a separate model (`self.model`)
+    so it can be evaluated and saved as it is; without BN in the student it has no statistics to
+    recompute. Averaging smooths the step-to-step noise of small-batch distillation on a frozen set.
+    """
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(student).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self, student: nn.Module) -> None:
+        self.model.load_state_dict(student.state_dict())
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        for avg, now in zip(self.model.state_dict().values(), student.state_dict().values()):
+            if avg.is_floating_point():
+                avg.lerp_(now, 1.0 - self.decay)
+            else:
+                avg.copy_(now)
+
+
 # -- the run ------------------------------------------------------------------------------------------
 class DFQFRun:
     def __init__(self, cfg: DFQFConfig, d: Dist) -> None:
@@ -161,6 +205,8 @@ class DFQFRun:
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.g_lr, betas=(0.5, 0.999))
         self.s_opt = student_optimizer(self.student, cfg)
         self.s_total = self.student_steps()
+        decay = ema_decay(cfg.s_ema, self.s_total)
+        self.ema = StudentEMA(self.student, decay) if decay > 0 else None  # starts as the initial student
         self.s_sched = torch.optim.lr_scheduler.LambdaLR(
             self.s_opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, self.s_total) / self.s_total)))
         self.g_ddp = DDP(self.generator) if d.world > 1 else self.generator
@@ -186,7 +232,8 @@ class DFQFRun:
                 "wall_seconds": self.elapsed(), "metrics_lines": self.metrics.lines if self.metrics else 0,
                 "generator": self.generator.state_dict(), "student": self.student.state_dict(),
                 "g_opt": self.g_opt.state_dict(), "s_opt": self.s_opt.state_dict(),
-                "s_sched": self.s_sched.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict()}
+                "s_sched": self.s_sched.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict(),
+                "student_ema": self.ema.model.state_dict() if self.ema else None}
 
     def checkpoint(self) -> None:
         if self.d.main:
@@ -202,6 +249,8 @@ class DFQFRun:
         self.g_opt.load_state_dict(ck["g_opt"])
         self.s_opt.load_state_dict(ck["s_opt"])
         self.s_sched.load_state_dict(ck["s_sched"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(ck["student_ema"])
         for group, lr in zip(self.s_opt.param_groups, (self.cfg.s_lr, self.cfg.s_scale_lr)):
             group["initial_lr"] = lr  # a resume may lower the learning rates
         for group in self.g_opt.param_groups:
@@ -214,6 +263,11 @@ class DFQFRun:
 
     def elapsed(self) -> float:
         return self.wall_before + time.perf_counter() - getattr(self, "started", time.perf_counter())
+
+    @property
+    def final_student(self) -> nn.Module:
+        """The student that is evaluated, reported and saved: the EMA when one is kept."""
+        return self.ema.model if self.ema is not None else self.student
 
     def log(self, msg: str) -> None:
         if self.d.main:
@@ -339,6 +393,8 @@ class DFQFRun:
         loss.backward()
         self.s_opt.step()
         self.s_sched.step()
+        if self.ema is not None:
+            self.ema.update(self.student)
         return terms
 
     def train_student(self, synthetic: dict[str, torch.Tensor]) -> None:
@@ -357,7 +413,7 @@ class DFQFRun:
     def after_student_step(self, terms: dict[str, float], bar: tqdm) -> None:
         self.step += 1
         if self.step % self.cfg.eval_every == 0 and self.data_dir is not None and self.d.main:
-            terms["eval_top1"] = round(self.evaluate(self.student, self.cfg.eval_limit), 2)
+            terms["eval_top1"] = round(self.evaluate(self.final_student, self.cfg.eval_limit), 2)
         self.record(self.stage, terms)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
@@ -399,6 +455,8 @@ class DFQFRun:
                 self.train_generator()
                 self.synthetic = self.synthesize()
                 self.calibrate_on_synthetic(self.synthetic)
+                if self.ema is not None:
+                    self.ema.reset(self.student)  # the average starts from the calibrated student
                 if self.data_dir is not None and self.d.main:  # the starting point of fine-tuning
                     self.step = 1
                     self.record("calibrated", {"eval_top1": round(self.evaluate(self.student, self.cfg.eval_limit), 2)})
@@ -422,21 +480,23 @@ class DFQFRun:
         meta = {"teacher": str(self.weights) if self.weights else None,
                 "teacher_sha256": sha256_file(self.weights) if self.weights else None,
                 "torch": str(torch.__version__), "seed": c.seed, "schedule": c.schedule}
-        save_student(self.out / "student.pt", self.student.cpu(), c.arch, self.info.num_classes,
+        save_student(self.out / "student.pt", self.final_student.cpu(), c.arch, self.info.num_classes,
                      QuantConfig(c.wbits, c.abits, c.first_last_bits), "dfqf", True, meta)
-        self.student.to(self.d.device)
+        self.final_student.to(self.d.device)
         self.write_samples()
         report: dict[str, Any] = {
             "method": "dfqf", "data_free": True, "arch": c.arch, "wbits": c.wbits, "abits": c.abits,
             "first_last_bits": c.first_last_bits, "schedule": c.schedule, "wall_seconds": round(self.elapsed(), 1),
             "generator_steps": c.g_steps if c.schedule == "two-stage" else c.alt_steps, "student_steps": self.s_total,
             "images_generated": self.images_generated, "world_size": self.d.world, "device": str(self.d.device),
-            **meta,
+            "threads": torch.get_num_threads(), "student_ema_decay": self.ema.decay if self.ema else None, **meta,
         }
         if self.data_dir is not None and self.info.dataset in ("cifar10", "cifar100"):
             report["split"] = c.split
             report["fp_top1"] = round(self.evaluate(self.teacher, None), 2)
-            report["fakequant_top1"] = round(self.evaluate(self.student, None), 2)
+            report["fakequant_top1"] = round(self.evaluate(self.final_student, None), 2)
+            if self.ema is not None:  # the last student itself, to show what the average changes
+                report["fakequant_top1_without_ema"] = round(self.evaluate(self.student, None), 2)
         write_json_atomic(report, self.out / "report.json")
         return report
 

@@ -34,7 +34,7 @@ class DFQFConfig:
     # stage 1: generator
     latent_dim: int = 256
     conditional: bool = True
-    g_steps: int = 1000
+    g_steps: int = 300  # longer option: 1000
     g_batch: int = 128
     g_lr: float = 5e-3
     w_inception: float = 1.0
@@ -45,12 +45,13 @@ class DFQFConfig:
     adv_kind: str = "kl"
     w_ce: float = 1.0
     # stage 2: quantization-aware distillation of the student
-    synth_images: int = 25600
-    s_epochs: int = 20
+    synth_images: int = 6400  # longer option: 25600
+    s_epochs: int = 8  # longer option: 20
     s_batch: int = 128
     s_lr: float = 1e-4
     s_scale_lr: float = 1e-4
     temperature: float = 4.0
+    s_ema: float = 0.05  # EMA of the student: half-life as a fraction of its steps (0 disables)
     s_augment: bool = False  # random flip + shift of the synthetic images, teacher logits computed live
     init_observer: str = "mse"
     # alternating schedule: S steps per G step, total steps
@@ -63,7 +64,7 @@ class DFQFConfig:
     amp: bool = False
     data_dir: str | None = None
     split: str = "test"
-    eval_every: int = 500
+    eval_every: int = 100
     eval_limit: int | None = 2000
     checkpoint_every: int = 100
     progress: bool = True
@@ -82,6 +83,9 @@ class DFQFConfig:
         for name in ("g_lr", "s_lr", "s_scale_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise DFQFError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.s_ema <= 1:
+            raise DFQFError(f"s_ema (EMA half-life as a fraction of the student steps) must be in 0..1, "
+                            f"got {self.s_ema}")
         if self.init_observer not in OBSERVERS:
             raise DFQFError(f"init_observer must be one of {', '.join(OBSERVERS)}, got {self.init_observer!r}")
         try:
