@@ -67,9 +67,13 @@ def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | Non
         raise DFQFError(f"the student {student_path} recorded in the manifest is not here: pass --student")
     student, ckpt = load_student(student_path)
     student64 = copy.deepcopy(student).double()
-    teacher_path = teacher_path or Path(ckpt.get("meta", {}).get("teacher") or "")
-    teacher = load_teacher(ckpt["arch"], teacher_path if teacher_path.is_file() else None,
-                           **ckpt.get("arch_kwargs", {})).eval()
+    recorded = ckpt.get("meta", {}).get("teacher")
+    if teacher_path is None and recorded and Path(recorded).is_file():
+        teacher_path = Path(recorded)
+    if teacher_path is None:  # the arch's default teacher; say so, it may not be the student's teacher
+        log(f"the student's teacher {recorded} is not here: using {ckpt['arch']}'s default weights "
+            "(pass --teacher for the right FP baseline)")
+    teacher = load_teacher(ckpt["arch"], teacher_path, **ckpt.get("arch_kwargs", {})).eval()
     info = get_arch(ckpt["arch"])
     model = load(artifact)
     ort = load_onnx(artifact) if onnx and "model.onnx" in manifest["files"] else None
@@ -106,6 +110,7 @@ def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | Non
             f"agreement {tally.agreement('integer')} tvm==reference {tvm_equal} ({time.perf_counter() - t0:.0f} s)")
     report = diffs.report()
     return {"artifact": str(artifact), "target": manifest.get("target"), "split": split, "n": tally.n,
+            "teacher": str(teacher_path) if teacher_path else f"default {ckpt['arch']} weights",
             "fp_top1": tally.top1("fp"), "fakequant_top1": tally.top1("fakequant"),
             "integer_top1": tally.top1("integer"), "reference_top1": tally.top1("reference"),
             "ort_top1": tally.top1("ort"), "fakequant_fp64_top1": tally.top1("fakequant_fp64"),
