@@ -121,10 +121,12 @@ def read_manifest(artifact: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_graph(artifact: Path) -> IntGraph:
-    """The integer graph of a verified artifact (int4 weights unpacked)."""
+def load_graph(artifact: Path, verify: bool = True) -> IntGraph:
+    """The integer graph of an artifact (int4 weights unpacked); `verify=False` when the caller has just
+    checked the manifest (hashing every file again is wasted work)."""
     artifact = Path(artifact)
-    read_manifest(artifact)
+    if verify:
+        read_manifest(artifact)
     structure = json.loads((artifact / GRAPH).read_text())
     with np.load(artifact / PARAMS) as z:
         arrays = {k: z[k] for k in z.files}
@@ -132,10 +134,3 @@ def load_graph(artifact: Path) -> IntGraph:
     for k in structure.get("packed_int4", []):
         arrays[k] = unpack_int4(arrays[k], tuple(shapes[k]))
     return IntGraph.from_parts(structure, arrays)
-
-
-def load_stored_params(artifact: Path) -> dict[str, np.ndarray]:
-    """The parameters as stored (int4 weights still packed), for the compiled module."""
-    read_manifest(artifact)
-    with np.load(Path(artifact) / PARAMS) as z:
-        return {k: z[k] for k in z.files}

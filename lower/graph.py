@@ -30,7 +30,6 @@ byte in artifacts.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +136,14 @@ class IntGraph:
         """Real logits = output_scale * int32 output (per class)."""
         return np.asarray(self.tensors[self.output].scale, dtype=np.float64)
 
+    def check_images(self, images: Any) -> np.ndarray:
+        """uint8 [N, H, W, C] pixels of this graph's input shape, as a contiguous array."""
+        x = np.asarray(images)
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise DFQFError(f"expected uint8 images of shape [N, {', '.join(map(str, self.input_shape))}] (NHWC), "
+                            f"got {x.dtype} {list(x.shape)}")
+        return np.ascontiguousarray(x)
+
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
 
@@ -161,14 +168,3 @@ class IntGraph:
                        structure["output"], structure.get("meta", {}))
         except KeyError as e:
             raise DFQFError(f"integer graph is missing {e}") from None
-
-    def summary(self) -> str:
-        lines = []
-        for n in self.nodes:
-            t = self.tensors[n.name]
-            lines.append(f"{n.name:<28} {n.op:<15} {','.join(n.inputs):<40} {t.dtype}{list(t.shape)} bits={t.bits}")
-        return "\n".join(lines)
-
-
-def dumps_structure(g: IntGraph) -> str:
-    return json.dumps(g.structure(), indent=1)

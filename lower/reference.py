@@ -159,10 +159,7 @@ def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], Array 
     Every intermediate is checked against its declared value range and stored in its storage dtype, so
     a backend that keeps int32 where the graph says uint8 computes the same numbers.
     """
-    pixels = np.asarray(pixels)
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != tuple(g.input_shape):
-        raise DFQFError(f"expected uint8 images of shape [N, {', '.join(map(str, g.input_shape))}], "
-                        f"got {pixels.dtype} {list(pixels.shape)}")
+    pixels = g.check_images(pixels)
     env: dict[str, Array] = {g.input_name: pixels}
     for n in g.nodes:
         y = _run_node(n, [env[i] for i in n.inputs])
