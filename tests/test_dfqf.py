@@ -119,6 +119,7 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     (["--config", "/nonexistent.json"], "cannot read --config"),
     (["--device", "tpu9"], "--device"),
     (["--init-observer", "p99"], "init_observer"),
+    (["--w-feat", "-1"], "w_feat"),
     (["--weights", "/nonexistent.pt"], "not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
@@ -187,10 +188,11 @@ def test_flip_and_shift_gives_flipped_windows_of_the_padded_image() -> None:
         assert any(torch.equal(a[i], w) for w in windows)
 
 
-def test_smoke_run_with_augmentation(tmp_path: Path) -> None:
-    r = run_dfqf(*TINY, "--s-augment", "true", "--out", str(tmp_path / "aug"))
+def test_smoke_run_with_augmentation_and_feature_distillation(tmp_path: Path) -> None:
+    r = run_dfqf(*TINY, "--s-augment", "true", "--w-feat", "0.5", "--out", str(tmp_path / "aug"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "kd" in metrics(tmp_path / "aug")[-1]
+    last = metrics(tmp_path / "aug")[-1]
+    assert "kd" in last and last["feat"] > 0
 
 
 def test_ema_decay_from_half_life_fraction() -> None:

@@ -41,6 +41,7 @@ from .data import image_batches, load_split, resolve_data_dir, subset
 from .dfqf_config import DFQFConfig, resolve
 from .errors import DFQFError, cli_main
 from .evaluate import evaluate_top1
+from .feature_kd import FeatureDistiller
 from .generator import Generator, from_uint8, to_uint8
 from .losses import BNStatsHook, generator_loss, kd_loss
 from .models import get_arch, load_teacher, resolve_weights
@@ -207,6 +208,8 @@ class DFQFRun:
         self.s_total = self.student_steps()
         decay = ema_decay(cfg.s_ema, self.s_total)
         self.ema = StudentEMA(self.student, decay) if decay > 0 else None  # starts as the initial student
+        # after the EMA copy, so that only the trained student records features
+        self.features = FeatureDistiller(self.teacher, self.student) if cfg.w_feat > 0 else None
         self.s_sched = torch.optim.lr_scheduler.LambdaLR(
             self.s_opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, self.s_total) / self.s_total)))
         self.g_ddp = DDP(self.generator) if d.world > 1 else self.generator
@@ -388,6 +391,10 @@ class DFQFRun:
         self.student.train()
         loss = kd_loss(self.s_ddp(x), t_logits, self.cfg.temperature)
         terms = {"kd": loss.item(), "lr": self.s_sched.get_last_lr()[0]}
+        if self.features is not None:
+            feat = self.features.loss(self.features.teacher_forward(x)[1])
+            loss = loss + self.cfg.w_feat * feat
+            terms["feat"] = feat.item()
         self.check_finite(loss, terms)
         self.s_opt.zero_grad(set_to_none=True)
         loss.backward()

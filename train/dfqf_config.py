@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class DFQFConfig:
     s_lr: float = 1e-4
     s_scale_lr: float = 1e-4
     temperature: float = 4.0
+    w_feat: float = 0.0  # intermediate-feature distillation (student quantizer outputs vs teacher nodes)
     s_ema: float = 0.05  # EMA of the student: half-life as a fraction of its steps (0 disables)
     s_augment: bool = False  # random flip + shift of the synthetic images, teacher logits computed live
     init_observer: str = "mse"
@@ -83,6 +85,8 @@ class DFQFConfig:
         for name in ("g_lr", "s_lr", "s_scale_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise DFQFError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.w_feat) and self.w_feat >= 0):
+            raise DFQFError(f"w_feat must be a finite number >= 0, got {self.w_feat}")
         if not 0 <= self.s_ema <= 1:
             raise DFQFError(f"s_ema (EMA half-life as a fraction of the student steps) must be in 0..1, "
                             f"got {self.s_ema}")
