@@ -127,3 +127,35 @@ def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
     assert result["max_lsb_diff_per_layer"]["input_aq"] == 0
     assert max(result["isolated_max_lsb_diff_per_layer"].values()) <= 1
     assert {"fp_top1", "fakequant_top1", "ort_top1"} <= set(result)
+
+
+def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None:
+    from lower.schedules.x86_vnni import supports
+    from lower.targets import make_target, select_schedules
+    from runtime.profile import kernel_macs, main, profile, record_kernel_calls
+
+    path = artifacts["w8a8"]
+    model = load(path)
+    pixels = np.random.default_rng(3).integers(0, 256, (2, *model.graph.input_shape), dtype=np.uint8)
+    before = model.predict_int(pixels)
+    calls = record_kernel_calls(model, pixels)
+    assert np.array_equal(model.predict_int(pixels), before)  # the instrument is gone and changed nothing
+    assert calls and not any(symbol.startswith("vm.builtin.") for symbol, _, _ in calls)
+
+    report = profile(path, batch=2, repeat=1)
+    assert report["kernel_calls"] == len(calls) == sum(r["calls"] for r in report["table"])
+    assert report["kernels_ms"] > 0 and all(r["ms"] > 0 for r in report["table"])
+    # MACs: the VNNI kernels compute every conv that `supports` admits, on channels padded to 16 (out)
+    # and 4 (in); nothing else is counted
+    g = model.graph
+    expected = 0
+    if select_schedules("llvm", make_target("llvm")) == "x86_vnni":
+        for node in g.nodes:
+            if node.op == "conv2d" and supports(node, g.tensors[node.inputs[0]].dtype):
+                o, cin, kh, kw = np.shape(node.params["weight"])
+                _, oh, ow = g.tensors[node.name].shape
+                expected += 2 * oh * ow * -(-o // 16) * 16 * kh * kw * -(-cin // 4) * 4
+    assert sum(kernel_macs(args) for _, _, args in calls) == expected
+    assert sum(r["macs"] for r in report["table"]) == expected
+
+    assert main([str(path), "--batch", "1", "--repeat", "1"]) == 0
