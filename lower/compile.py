@@ -48,27 +48,32 @@ def versions() -> dict[str, str]:
 
 
 def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None = None, onnx: bool = True,
-                    overwrite: bool = False, onnx_fold_bias: bool = False, log=lambda msg: None) -> dict[str, Any]:
-    """The whole lowering; returns the manifest."""
-    from .tvm_build import TARGETS, compile_graph, export_library, target_dict  # TVM import is slow: lazily
+                    overwrite: bool = False, onnx_fold_bias: bool = False, schedules: str = "auto",
+                    log=lambda msg: None) -> dict[str, Any]:
+    """The whole lowering; returns the manifest. schedules: as `lower.tvm_build.compile_graph`'s; the set
+    it resolves to (or "none") is recorded in the manifest."""
+    from .targets import NO_SCHEDULES, make_target, select_schedules  # TVM import is slow: lazily
+    from .tvm_build import TARGETS, compile_graph, export_library, target_dict
 
     if target not in TARGETS:
         raise DFQFError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    opts = {"arch": cuda_arch} if cuda_arch and target == "cuda" else {}
+    schedules = select_schedules(target, make_target(target, **opts), schedules) or NO_SCHEDULES  # fail early
     t0 = time.perf_counter()
     graph, ckpt = student_graph(student)
     log(f"integer graph: {len(graph.nodes)} nodes ({time.perf_counter() - t0:.1f} s)")
     t1 = time.perf_counter()
-    opts = {"arch": cuda_arch} if cuda_arch and target == "cuda" else {}
-    executable = compile_graph(graph, target, **opts)
+    executable = compile_graph(graph, target, schedules=schedules, **opts)
     compile_seconds = time.perf_counter() - t1
-    log(f"TVM {target} build: {compile_seconds:.1f} s")
+    log(f"TVM {target} build, schedules {schedules}: {compile_seconds:.1f} s")
     files = {LIBRARY: lambda p: export_library(executable, p)}
     if onnx:
         from .onnx_export import save_onnx, to_onnx_qdq
 
         files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=onnx_fold_bias), p)
     info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": target, "target_dict": target_dict(target, **opts), "versions": versions(),
+            "target": target, "target_dict": target_dict(target, **opts), "schedules": schedules,
+            "versions": versions(),
             "student": {"path": str(student), "sha256": sha256_file(student), "arch": ckpt["arch"],
                         "method": ckpt.get("method"), "quant_config": ckpt["quant_config"]},
             "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["N", *graph.input_shape]},
@@ -93,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx-fold-bias", action="store_true",
                    help="fold biases into int32 conv biases in the ONNX export: ORT fuses more convs into "
                         "QLinearConv, but its results drift from the integer graph by one code at some ties")
+    p.add_argument("--schedules", default="auto",
+                   help="hand-written kernels: auto (the best set this target's CPU features allow), none "
+                        "(TVM's default loops), or a set of lower.targets.TARGETS, e.g. x86_vnni or x86_avx2")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     args = p.parse_args(argv)
     if not args.student.is_file():
         raise DFQFError(f"student file not found: {args.student}")
     out = args.out or Path("artifacts") / args.student.resolve().parent.name / args.target
     manifest = compile_student(args.student, args.target, out, args.cuda_arch, not args.no_onnx, args.force,
-                               args.onnx_fold_bias, log=lambda m: print(f"[lower.compile] {m}", file=sys.stderr, flush=True))
+                               args.onnx_fold_bias, args.schedules,
+                               log=lambda m: print(f"[lower.compile] {m}", file=sys.stderr, flush=True))
     print(f"{out}: {', '.join(sorted(manifest['files']))}")
     return 0
 

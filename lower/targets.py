@@ -90,7 +90,7 @@ class TargetSpec:
 
 TARGETS: dict[str, TargetSpec] = {
     "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu",),
-                       schedules=((("avx512vnni",), "x86_vnni"),)),  # else (AVX2, ...): default loops
+                       schedules=((("avx512vnni",), "x86_vnni"), (("avx2",), "x86_avx2"))),  # else: default loops
     "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
                        ("arch", "host")),
 }

@@ -4,7 +4,7 @@ One call of the compiled `main` runs with a VM instrument that records every ker
 the VM's own builtins — allocation, shape checks — are not kernels) with its argument tensors. Each recorded
 call is then re-run on its own arguments and timed (best of `--repeat` rounds, each long enough to be
 measured), and the table lists, per kernel function, its calls, total time and share, the integer MACs of
-its VNNI conv calls and their GMAC/s. The difference between the end-to-end time of `main` and the
+its hand-scheduled conv calls and their GMAC/s. The difference between the end-to-end time of `main` and the
 sum of its kernels is the VM's own overhead (allocation, argument passing).
 
 Kernels keep the name of the first graph node they were built for (identical kernels are deduplicated by
@@ -64,15 +64,16 @@ def record_kernel_calls(model, pixels: np.ndarray) -> list[tuple[str, Any, list[
 
 
 def kernel_macs(args: list[Any]) -> int:
-    """MACs one call of a VNNI conv kernel does: output [n, OH, OW, O16] x (kh * kw * Cin4) of its packed
-    int8 weight [O16/16, kh, kw, Cin4/4, 16, 4] (padded channels included: the kernel computes them);
-    0 for any other kernel."""
+    """MACs one call of a hand-scheduled x86 conv kernel does (`lower.schedules.x86_conv`): its output
+    [n, OH, OW, O_pad] times kh * kw * Cin4 of its packed weight, int8 [O/16, kh, kw, Cin4/4, 16, 4] (VNNI) or
+    int16 [O/8, kh, kw, Cin4/4, 2, 8, 2] (AVX2), whose second-to-last axis is the output lanes (padded channels
+    included: the kernel computes them); 0 for any other kernel."""
     shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
-    weights = [s for s, a in zip(shapes, args) if len(s) == 6 and str(a.dtype) == "int8"]
+    weights = [s for s, a in zip(shapes, args) if len(s) in (6, 7) and str(a.dtype) in ("int8", "int16")]
     if not weights or len(shapes[-1]) != 4:
         return 0
-    _, kh, kw, cb, _, four = weights[0]
-    return int(np.prod(shapes[-1])) * kh * kw * cb * four
+    w = weights[0]
+    return int(np.prod(shapes[-1])) * int(np.prod(w[1:])) // w[-2]
 
 
 def profile(artifact: Path, batch: int, repeat: int) -> dict[str, Any]:

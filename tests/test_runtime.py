@@ -130,7 +130,7 @@ def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
 
 
 def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None:
-    from lower.schedules.x86_vnni import supports
+    from lower.schedules.x86_conv import supports
     from lower.targets import make_target, select_schedules
     from runtime.profile import kernel_macs, main, profile, record_kernel_calls
 
@@ -145,16 +145,17 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
     report = profile(path, batch=2, repeat=1)
     assert report["kernel_calls"] == len(calls) == sum(r["calls"] for r in report["table"])
     assert report["kernels_ms"] > 0 and all(r["ms"] > 0 for r in report["table"])
-    # MACs: the VNNI kernels compute every conv that `supports` admits, on channels padded to 16 (out)
-    # and 4 (in); nothing else is counted
+    # MACs: the x86 conv kernels compute every conv that `supports` admits, on output channels padded to
+    # the kernel's lanes (16 VNNI, 8 AVX2) and input channels padded to 4; nothing else is counted
     g = model.graph
     expected = 0
-    if select_schedules("llvm", make_target("llvm")) == "x86_vnni":
+    lanes = {"x86_vnni": 16, "x86_avx2": 8}.get(select_schedules("llvm", make_target("llvm")))
+    if lanes:
         for node in g.nodes:
             if node.op == "conv2d" and supports(node, g.tensors[node.inputs[0]].dtype):
                 o, cin, kh, kw = np.shape(node.params["weight"])
                 _, oh, ow = g.tensors[node.name].shape
-                expected += 2 * oh * ow * -(-o // 16) * 16 * kh * kw * -(-cin // 4) * 4
+                expected += 2 * oh * ow * -(-o // lanes) * lanes * kh * kw * -(-cin // 4) * 4
     assert sum(kernel_macs(args) for _, _, args in calls) == expected
     assert sum(r["macs"] for r in report["table"]) == expected
 

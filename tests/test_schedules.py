@@ -10,7 +10,7 @@ import tvm
 
 from lower import tvm_build as tb
 from lower.reference import run_graph
-from lower.schedules import x86_vnni
+from lower.schedules import x86_avx2, x86_vnni
 from lower.targets import NO_SCHEDULES, make_target, select_schedules
 from test_tvm_build import BATCHES, C, H, W, GraphMaker
 from train.errors import DFQFError
@@ -23,7 +23,7 @@ requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512v
 def test_selection_follows_target_features():
     assert select_schedules("llvm", make_target("llvm", mcpu="znver4")) == "x86_vnni"
     assert select_schedules("llvm", make_target("llvm", mcpu="cascadelake")) == "x86_vnni"
-    assert select_schedules("llvm", make_target("llvm", mcpu="haswell")) is None  # AVX2: default loops
+    assert select_schedules("llvm", make_target("llvm", mcpu="haswell")) == "x86_avx2"
     assert select_schedules("llvm", make_target("llvm", mcpu="znver4"), NO_SCHEDULES) is None
     assert select_schedules("cuda", make_target("cuda")) is None
 
@@ -123,3 +123,87 @@ def test_default_loops_match_reference():
 
     g = all_ops_graph(1)
     assert_exact(g, tb.compile_graph(g, "llvm", schedules=NO_SCHEDULES))
+
+
+# -- the AVX2 fallback (x86_avx2): compiled for haswell, so no AVX-512 instruction is involved ----------------
+HOST_AVX2 = bool(tvm.target.codegen.llvm_cpu_has_features(list(x86_avx2.AVX2_FEATURES), make_target("llvm")))
+requires_avx2 = pytest.mark.skipif(not HOST_AVX2, reason="host CPU lacks avx2")
+AVX2_CPU = "haswell"
+
+
+def test_selection_falls_back_to_avx2():
+    target = make_target("llvm", mcpu=AVX2_CPU)
+    assert select_schedules("llvm", target, has_features=lambda f: set(f) <= {"avx2"}) == "x86_avx2"
+    assert select_schedules("llvm", target, has_features=lambda f: not f) is None
+    assert select_schedules("llvm", target, "x86_avx2") == "x86_avx2"
+    with pytest.raises(DFQFError, match="needs avx2"):
+        select_schedules("llvm", make_target("llvm", mcpu="nehalem"), "x86_avx2")
+
+
+def _assert_exact_avx2(g) -> None:
+    ex = tb.compile_graph(g, "llvm", schedules="x86_avx2", mcpu=AVX2_CPU)
+    run = tb.IntegerExecutable(ex.mod, tvm.cpu())
+    params = run.upload(tb.pack_params(g))
+    rng = np.random.default_rng(7)
+    for batch in BATCHES:
+        x = rng.integers(0, 256, (batch, H, W, C), dtype=np.uint8)
+        x[0, :2] = 0
+        x[-1, -2:] = 255
+        np.testing.assert_array_equal(run(x, params), run_graph(g, x))
+
+
+@requires_avx2
+@pytest.mark.parametrize("input_dtype,zp,kw", [
+    ("uint8", 17, dict(stride=(1, 1), padding=(1, 1))),
+    ("uint8", 250, dict(stride=(2, 2), padding=(1, 1), bits=4)),
+    ("int8", -9, dict(stride=(2, 1), padding=(0, 2), dilation=(2, 1))),
+    ("int8", 100, dict(k=1, stride=(2, 2), padding=(0, 0), bits=4)),
+])
+def test_avx2_conv_matches_reference(input_dtype, zp, kw):
+    m = GraphMaker(2, input_dtype, zp)
+    x = m.conv("c1", "q", 20, **kw)  # 20 outputs: the last 8-channel block is padded
+    x = m.requantize("r1", [x], relu=True)
+    m.conv("c2", x, 12, bits=kw.get("bits", 8))  # unfused: the bias is added after the kernel
+    g = m.graph()
+    assert "conv2d_avx2" in tb.build_relax(g, "x86_avx2").script()
+    _assert_exact_avx2(g)
+
+
+@requires_avx2
+@pytest.mark.parametrize("dtype,per_channel", [("uint8", True), ("int8", False)])
+def test_avx2_conv_requantize_fused(dtype, per_channel):
+    """As test_conv_requantize_fused_into_one_kernel, with 8-channel blocks: residuals of 20 channels
+    (not a multiple of 8) fall back to two ops."""
+    m = GraphMaker(5, "int8", -7)
+    a = m.requantize("a", [m.conv("c0", "q", 16, stride=(2, 2))], zero_point=9)
+    b = m.conv("c1", a, 16)
+    m.requantize("y", [b, a], dtype=dtype, zero_point=-5 if dtype == "int8" else 4, per_channel=per_channel)
+    z = m.requantize("z", [m.conv("c2", "y", 16, k=1, padding=(0, 0)), m.conv("c3", "y", 16, bits=4)])
+    m.requantize("w", [m.conv("c4", z, 20), m.conv("c5", z, 20)])
+    g = m.graph()
+    kernels = {gv.name_hint.removesuffix("_conv2d_avx2"): [p.name for p in f.params]
+               for gv, f in tb.build_relax(g, "x86_avx2").functions_items() if gv.name_hint.endswith("_conv2d_avx2")}
+    assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
+    assert {name for name, params in kernels.items() if "multiplier" in params} == {"c0", "c1", "c3"}
+    _assert_exact_avx2(g)
+
+
+@requires_avx2
+def test_avx2_tiny_network_matches_reference(tiny_students):
+    from lower.integerize import integerize
+
+    student, info = tiny_students(8, 8)
+    g = integerize(student, info.mean, info.std, info.input_size)
+    assert any(gv.name_hint.endswith("_conv2d_avx2") for gv, _ in tb.build_relax(g, "x86_avx2").functions_items())
+    ex = tb.compile_graph(g, "llvm", schedules="x86_avx2", mcpu=AVX2_CPU)
+    c, h, w = info.input_size
+    x = np.random.default_rng(3).integers(0, 256, (3, h, w, c), dtype=np.uint8)
+    np.testing.assert_array_equal(tb.run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
+
+
+def test_avx2_register_tile_fits_the_accumulators():
+    assert x86_avx2.register_tile(32, 2) == (8, 2)
+    assert x86_avx2.register_tile(8, 8) == (4, 4)  # the squarest of the 16-accumulator tiles
+    assert x86_avx2.register_tile(7, 1) == (7, 1)
+    assert all(zt * obt <= x86_avx2.MAX_ACC for zt, obt in (x86_avx2.register_tile(w, o) for w in range(1, 40)
+                                                            for o in range(1, 9)))

@@ -1,0 +1,228 @@
+"""Register-tiled direct conv2d for x86 SIMD dot-product instructions: what `x86_vnni` (AVX-512 VNNI) and
+`x86_avx2` (AVX2) share.
+
+A kernel family (one module) supplies the conv compute, whose block is named "conv" and has the loops
+(n, y, z, out_block, lane, r, s, rc, *inner reduction), a tensor intrinsic that computes `lanes` output
+channels x 4 input channels of one output pixel, and `prepare(b, node, x)`: the kernel's padded input,
+packed weight and bias as Relax values. This module gives it the rest:
+
+- `requantize_epilogue`: the graph's requantize as the kernel's epilogue (`Epilogue`), so one kernel per
+  conv writes the 8-bit activation and the int32 accumulator never reaches memory;
+- `schedule`: batch x output row parallel, output column tiles, then the reduction, then the register tile
+  of columns x channel blocks (unrolled; at most `max_acc` vector accumulators, held in a "local" buffer
+  that LLVM keeps in registers), then the tensorized dot; after the reduction, the tile's store or epilogue;
+- `emit_conv2d` / `emit_conv2d_requantize`: the Relax glue, for `lower.tvm_build`'s schedule-set interface.
+
+Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
+in int64 (`lower.reference`). The kernel computes it as ((sum_i t_i * M_i + offset') >> n) + zp_out with
+offset' = offset + 2^(n-1) - sum_i zp_i * M_i folded per channel into one int64 constant by the Relax glue
+(parameter-only work, done once). Both sides are the same integer: int64 addition and multiplication are
+exact modulo 2^64 and the final sum is in range (`lower.integerize.joint_dyadic` bounds it), so the order of
+the terms cannot change the result. Every t_i is a 32-bit value (the int32 accumulator plus bias, or an
+8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as int32: LLVM multiplies them with
+vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 multiply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.relax import op as R
+from tvm.s_tir import Schedule
+
+from ..graph import Node
+
+if TYPE_CHECKING:
+    from ..tvm_build import GraphBuilder
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the scheduled kernel alone
+MAX_EXACT = 2**31 - 1
+
+
+def out_hw(in_hw, kernel, stride, dilation) -> tuple[int, int]:
+    return tuple((i - (k - 1) * d - 1) // s + 1 for i, k, s, d in zip(in_hw, kernel, stride, dilation))
+
+
+def supports(node: Node, input_dtype: str) -> bool:
+    """Whether `node` (a conv2d) runs exactly on a kernel of this family: 8-bit input storage with its zero
+    point representable as uint8 after the +128 shift of int8 inputs, one group, and no int32 overflow in
+    sum(u * w) - zp_u * sum(w) + bias (u = the uint8 input; the AVX2 form sum((x - zp) * w) + bias has the
+    same bound)."""
+    a = node.attrs
+    if input_dtype not in ("uint8", "int8") or int(a["groups"]) != 1:
+        return False
+    zp_u = int(a["input_zero_point"]) + (128 if input_dtype == "int8" else 0)
+    o, cin, kh, kw = np.shape(node.params["weight"])
+    w_max = 2 ** (int(a["weight_bits"]) - 1)
+    bias_max = int(np.abs(np.asarray(node.params["bias"], np.int64)).max(initial=0))
+    return 0 <= zp_u <= 255 and 2 * 255 * w_max * cin * kh * kw + bias_max <= MAX_EXACT
+
+
+def register_tile(ow: int, out_blocks: int, max_acc: int) -> tuple[int, int]:
+    """(output columns, channel blocks) of the register tile: as many accumulators as fit `max_acc`, the
+    columns dividing OW and the blocks dividing out_blocks (no remainder tiles); among those the squarest,
+    which loads the fewest broadcasts plus weight vectors per reduction step."""
+    fits = [(zt, obt) for obt in range(1, out_blocks + 1) for zt in range(1, ow + 1)
+            if not out_blocks % obt and not ow % zt and zt * obt <= max_acc]
+    return max(fits, key=lambda t: (t[0] * t[1], -(t[0] + t[1]), t[0]))
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """A requantize applied to the conv accumulator inside the kernel.
+
+    residual_dtypes: one per residual input (uint8/int8 [batch, OH, OW, C]); the rest are the requantize's
+    attributes. The zero points of the terms are folded into the offset (module docstring)."""
+
+    residual_dtypes: tuple[str, ...]
+    output_zero_point: int
+    qmin: int
+    qmax: int
+    dtype: str
+
+
+def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, lanes: int
+                        ) -> tuple[te.Tensor, list[te.Tensor]]:
+    """The requantized output of conv [batch, OH, OW, C / lanes, lanes] and its extra inputs: bias int32 [C],
+    multiplier int32 [1 + R, C] (the conv term's row first), offset int64 [C] (offset' of the module
+    docstring), shift int64 [C] and the R residuals."""
+    c = conv.shape[3] * lanes
+    bias = te.placeholder((c,), "int32", name="bias")
+    mult = te.placeholder((1 + len(e.residual_dtypes), c), "int32", name="multiplier")
+    offset = te.placeholder((c,), "int64", name="offset")
+    shift = te.placeholder((c,), "int64", name="shift")
+    res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
+
+    def requantize(n, y, z, ch):
+        acc = conv[n, y, z, ch // lanes, ch % lanes] + bias[ch]
+        total = acc.astype("int64") * mult[0, ch].astype("int64") + offset[ch]
+        for i, rt in enumerate(res):
+            total = total + rt[n, y, z, ch].astype("int64") * mult[1 + i, ch].astype("int64")
+        q = (total >> shift[ch]) + tirx.const(e.output_zero_point, "int64")
+        return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
+
+    return te.compute((batch, oh, ow, c), requantize, name="requantize"), [bias, mult, offset, shift, *res]
+
+
+def kernel_func(args: list[te.Tensor], conv: te.Tensor, batch, oh: int, ow: int, lanes: int,
+                epilogue: Epilogue | None, name: str) -> tirx.PrimFunc:
+    """The unscheduled PrimFunc: conv's inputs `args`, then either the int32 store or the epilogue."""
+    if epilogue is None:
+        c = conv.shape[3] * lanes
+        out = te.compute((batch, oh, ow, c), lambda n, y, z, ch: conv[n, y, z, ch // lanes, ch % lanes],
+                         name="store")
+    else:
+        out, extra = requantize_epilogue(conv, epilogue, batch, oh, ow, lanes)
+        args = [*args, *extra]
+    return te.create_prim_func([*args, out]).with_attr("global_symbol", name)
+
+
+def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: int, fused: bool) -> tirx.PrimFunc:
+    """The register-tiled schedule (module docstring) of a `kernel_func`, tensorized with `intrinsic`;
+    fused: whether it was built with an epilogue."""
+    sch = Schedule(func)
+    blk = sch.get_sblock("conv")
+    n, y, z, ob, oi, r_, s_, rc_, *inner = sch.get_loops(blk)
+    zt, obt = tile
+    zo, zi = sch.split(z, [None, zt])
+    obo, obi = sch.split(ob, [None, obt])
+    sch.reorder(n, y, zo, obo, r_, s_, rc_, zi, obi, oi, *inner)
+    sch.parallel(sch.fuse(n, y))
+    # Accumulate the register tile in a "local" buffer consumed once per tile (by the write-back or the
+    # epilogue): with every index constant after unrolling, LLVM keeps it in vector registers instead of
+    # loading and storing the output at every reduction step.
+    consumer = sch.get_sblock("requantize" if fused else "store")
+    sch.set_scope(blk, 0, "local")
+    sch.reverse_compute_at(consumer, obo)
+    *_, c_zi, c_ch = sch.get_loops(consumer)
+    c_obi, c_oi = sch.split(c_ch, [None, lanes])
+    init = sch.decompose_reduction(blk, r_)
+    for b_zi, b_obi, b_oi in (sch.get_loops(init)[-3:], (c_zi, c_obi, c_oi)):
+        sch.vectorize(b_oi)
+        sch.unroll(b_obi)
+        sch.unroll(b_zi)
+    sch.unroll(zi)
+    sch.unroll(obi)
+    sch.tensorize(oi, intrinsic)
+    return sch.mod["main"]
+
+
+# -- the Relax glue --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: `prepare(b, node, x)` -> the kernel inputs (dict: u, wp, bias, o, o_pad, args, out_hw)
+    or None when the kernel cannot run `node` exactly; `kernel(*args, epilogue=)` -> the scheduled PrimFunc;
+    `lanes` output channels per block; `suffix` names the kernels (e.g. "conv2d_vnni")."""
+
+    prepare: Callable[["GraphBuilder", Node, relax.Expr], dict | None]
+    kernel: Callable[..., tirx.PrimFunc]
+    lanes: int
+    suffix: str
+
+
+def _call(b: "GraphBuilder", f: Family, node: Node, func: tirx.PrimFunc, args: list, dtype: str, k: dict
+          ) -> relax.Expr:
+    """Call the kernel; [n, OH, OW, O_pad] -> [n, OH, OW, O] (dropping padded channels)."""
+    gv = b.bb.add_func(func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True}), f"{node.name}_{f.suffix}")
+    (oh, ow), o, o_pad = k["out_hw"], k["o"], k["o_pad"]
+    out = b.emit(relax.call_tir(gv, args, relax.TensorType([b.batch, oh, ow, o_pad], dtype)))
+    return R.strided_slice(out, [3], [0], [o]) if o_pad != o else out
+
+
+def emit_conv2d(f: Family, b: "GraphBuilder", node: Node, x: relax.Expr) -> relax.Expr | None:
+    """acc [n, OH, OW, O] int32 of conv2d `node` on x [n, H, W, Cin] (the builder's NHWC), or None if the
+    kernel cannot run it."""
+    k = f.prepare(b, node, x)
+    if k is None:
+        return None
+    acc = _call(b, f, node, f.kernel(*k["args"]), [k["u"], k["wp"]], "int32", k)
+    return R.add(acc, b.per_channel(R.strided_slice(k["bias"], [0], [0], [k["o"]]), 4))
+
+
+def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x: relax.Expr,
+                           terms: list[relax.Expr | None]) -> relax.Expr | None:
+    """requantize `rq` of conv2d `conv` (its term terms.index(None)) and residual `terms`, as one kernel;
+    [n, OH, OW, O] in rq's storage dtype, or None when the kernel cannot run it (the builder then emits the
+    two ops separately)."""
+    g = b.graph
+    o = int(np.shape(conv.params["weight"])[0])
+    j = terms.index(None)
+    residuals = [i for i in range(len(terms)) if i != j]
+    if residuals and o % f.lanes:  # residuals are read at the padded channel index
+        return None
+    if any(tuple(g.tensors[rq.inputs[i]].shape) != tuple(g.tensors[conv.name].shape) for i in residuals):
+        return None  # broadcasting terms: the plain requantize handles them
+    channels = int(np.shape(rq.params["shift"])[0])
+    if channels not in (1, o) or int(np.max(rq.params["multiplier"], initial=0)) > MAX_EXACT \
+            or int(np.min(rq.params["multiplier"], initial=0)) < -MAX_EXACT:
+        return None  # the multipliers are passed as int32
+    k = f.prepare(b, conv, x)
+    if k is None:
+        return None
+    o_pad = k["o_pad"]
+
+    def per_out_channel(v: relax.Expr, rows: int | None = None) -> relax.Expr:
+        """[C] or [rows, C] with C = 1 or O -> [O_pad] / [rows, O_pad] (padded channels: 0)."""
+        shape = [o] if rows is None else [rows, o]
+        v = R.broadcast_to(v, shape) if channels == 1 else v
+        return R.nn.pad(v, [0, 0] * (len(shape) - 1) + [0, o_pad - o], "constant", 0.0)
+
+    a = rq.attrs
+    order = [j, *residuals]  # the conv term first
+    zps = relax.const(np.array([int(a["input_zero_points"][i]) for i in order], np.int64).reshape(-1, 1), "int64")
+    mult = per_out_channel(R.take(b.param(rq, "multiplier"), relax.const(np.array(order, np.int64), "int64"),
+                                  axis=0, mode="clip"), len(terms))  # int64 [1 + R, O_pad]
+    shift = b.emit(per_out_channel(b.param(rq, "shift")))
+    one, zero = relax.const(np.int64(1), "int64"), relax.const(np.int64(0), "int64")
+    rounding = R.where(R.greater(shift, zero), R.left_shift(one, R.maximum(R.subtract(shift, one), zero)), zero)
+    offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
+                        R.sum(R.multiply(mult, zps), axis=[0]))
+    dtype = g.tensors[rq.name].dtype
+    epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
+                        int(a["qmin"]), int(a["qmax"]), dtype)
+    func = f.kernel(*k["args"], epilogue=epilogue)
+    args = [k["u"], k["wp"], k["bias"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
+            *(terms[i] for i in residuals)]
+    return _call(b, f, conv, func, args, dtype, k)
