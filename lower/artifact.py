@@ -5,6 +5,7 @@
     DIR/params.npz      integer parameters; weights of <= 4 bits packed two per byte (lower.int4)
     DIR/model.so        the TVM library (relax executable) for the target, when compiled
     DIR/model.onnx      the ONNX QDQ export, when exported
+    DIR/tuning.json     the register tiles of the conv kernels (lower.tune), when tuned or given
 The folder is assembled in a temporary sibling and renamed into place, so a crash never leaves a
 half-written artifact; loading recomputes every sha256 and refuses files that do not match.
 """
@@ -28,6 +29,7 @@ from .int4 import pack_int4, unpack_int4
 
 FORMAT, VERSION = "dfqf.artifact", 1
 MANIFEST, GRAPH, PARAMS, LIBRARY, ONNX = "manifest.json", "graph.json", "params.npz", "model.so", "model.onnx"
+TUNING = "tuning.json"
 
 
 def packed(graph: IntGraph) -> set[str]:

@@ -1,23 +1,26 @@
 """`python -m lower.compile STUDENT --target llvm|cuda --out DIR`: student.pt -> integer graph -> TVM + ONNX.
 
 STUDENT is a `student.pt` from `train.ptq` or `train.dfqf`. The artifact folder (lower.artifact) holds the
-integer graph and parameters, the compiled TVM library, the ONNX QDQ export and a manifest.
+integer graph and parameters, the compiled TVM library, the ONNX QDQ export and a manifest. `--tune SECONDS`
+times a few register tiles of each hand-scheduled conv kernel on this machine (`lower.tune`) and keeps the
+fastest, saved as tuning.json in the artifact; `--tuning FILE` reuses such a file.
 """
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from train.errors import CLIParser, DFQFError, cli_main
+from train.errors import CLIParser, DFQFError, cli_main, positive_float
 from train.models.registry import sha256_file
 from train.student import load_student
 
-from .artifact import LIBRARY, ONNX, params_bytes, write_artifact
+from .artifact import LIBRARY, ONNX, TUNING, params_bytes, write_artifact
 from .graph import IntGraph
 from .integerize import integerize
 
@@ -49,24 +52,45 @@ def versions() -> dict[str, str]:
 
 def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None = None, onnx: bool = True,
                     overwrite: bool = False, onnx_fold_bias: bool = False, schedules: str = "auto",
-                    log=lambda msg: None) -> dict[str, Any]:
+                    tune: float | None = None, tuning: Path | None = None, log=lambda msg: None) -> dict[str, Any]:
     """The whole lowering; returns the manifest. schedules: as `lower.tvm_build.compile_graph`'s; the set
-    it resolves to (or "none") is recorded in the manifest."""
+    it resolves to (or "none") is recorded in the manifest. tune: seconds to spend timing register tiles
+    (`lower.tune`); tuning: an earlier tuning.json whose matching entries are used as they are."""
+    from . import tune as tuner
     from .targets import NO_SCHEDULES, make_target, select_schedules  # TVM import is slow: lazily
     from .tvm_build import TARGETS, compile_graph, export_library, target_dict
 
     if target not in TARGETS:
         raise DFQFError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     opts = {"arch": cuda_arch} if cuda_arch and target == "cuda" else {}
-    schedules = select_schedules(target, make_target(target, **opts), schedules) or NO_SCHEDULES  # fail early
+    tvm_target = make_target(target, **opts)
+    chosen = select_schedules(target, tvm_target, schedules)  # fail early
+    schedules = chosen or NO_SCHEDULES
+    given = tuner.load_tuning(tuning) if tuning is not None else None  # fail early on a bad file
     t0 = time.perf_counter()
     graph, ckpt = student_graph(student)
     log(f"integer graph: {len(graph.nodes)} nodes ({time.perf_counter() - t0:.1f} s)")
+    tuned = None
+    if tune or given is not None:
+        requests = tuner.kernel_requests(graph, chosen)
+        if not requests:
+            log(f"tuning: target {target} with schedules {schedules} has no hand-scheduled conv kernels; nothing to tune")
+        else:
+            known = tuner.matching(given, requests) if given is not None else {}
+            if given is not None:
+                log(f"tuning: {len(known)} of {len(requests)} kernels from {tuning}"
+                    + ("" if given.get("target") == str(tvm_target) else f" (tuned for {given.get('target')})"))
+            tuned = tuner.tune(requests, tvm_target, tune or 0.0, known, log=log)
+            s = tuner.summary(tuned)
+            log(f"tuning: {s['tuned']} kernels timed, {s['from_file']} from file, {s['default']} default tile "
+                f"({s['seconds']:.1f} s)")
     t1 = time.perf_counter()
-    executable = compile_graph(graph, target, schedules=schedules, **opts)
+    executable = compile_graph(graph, target, schedules=schedules, tiles=tuner.tiles(tuned) if tuned else None, **opts)
     compile_seconds = time.perf_counter() - t1
     log(f"TVM {target} build, schedules {schedules}: {compile_seconds:.1f} s")
     files = {LIBRARY: lambda p: export_library(executable, p)}
+    if tuned is not None:
+        files[TUNING] = lambda p: p.write_text(json.dumps(tuned, indent=1) + "\n")
     if onnx:
         from .onnx_export import save_onnx, to_onnx_qdq
 
@@ -81,7 +105,8 @@ def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None
                        "real_logits": "int32 output * graph output scale (graph.json tensors[output].scale)"},
             "onnx": {"exported": onnx, "fold_bias": onnx_fold_bias} if onnx else {"exported": False},
             "bits": bits_per_layer(graph), "param_bytes": params_bytes(graph),
-            "compile_seconds": round(compile_seconds, 2)}
+            "compile_seconds": round(compile_seconds, 2),
+            **({"tuning": {**tuner.summary(tuned), "file": TUNING}} if tuned is not None else {})}
     manifest = write_artifact(out, graph, info, files, overwrite)
     log(f"wrote {out} ({time.perf_counter() - t0:.1f} s in all)")
     return manifest
@@ -101,13 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedules", default="auto",
                    help="hand-written kernels: auto (the best set this target's CPU features allow), none "
                         "(TVM's default loops), or a set of lower.targets.TARGETS, e.g. x86_vnni or x86_avx2")
+    p.add_argument("--tune", type=positive_float, metavar="SECONDS",
+                   help="time a few register tiles of each hand-scheduled conv kernel on this machine for at most "
+                        "SECONDS and keep the fastest (saved as tuning.json in the artifact)")
+    p.add_argument("--tuning", type=Path, metavar="FILE",
+                   help="tuning.json of an earlier artifact: its entries for this graph's kernels are reused")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     args = p.parse_args(argv)
     if not args.student.is_file():
         raise DFQFError(f"student file not found: {args.student}")
     out = args.out or Path("artifacts") / args.student.resolve().parent.name / args.target
     manifest = compile_student(args.student, args.target, out, args.cuda_arch, not args.no_onnx, args.force,
-                               args.onnx_fold_bias, args.schedules,
+                               args.onnx_fold_bias, args.schedules, args.tune, args.tuning,
                                log=lambda m: print(f"[lower.compile] {m}", file=sys.stderr, flush=True))
     print(f"{out}: {', '.join(sorted(manifest['files']))}")
     return 0

@@ -138,10 +138,13 @@ def to_internal_layout(x: relax.Expr, rank: int) -> relax.Expr:
 class GraphBuilder:
     """What a converter sees: the BlockBuilder, the graph, the batch size and the parameter variables."""
 
-    def __init__(self, g: IntGraph, schedules: Any = None) -> None:
+    def __init__(self, g: IntGraph, schedules: Any = None, tiles: dict[str, tuple[int, int]] | None = None,
+                 kernels: dict | None = None) -> None:
         self.bb = relax.BlockBuilder()
         self.graph = g
         self.schedules = schedules  # a lower.schedules module, or None: default loops only
+        self.tiles = tiles or {}  # kernel key -> register tile (`lower.tune`); others: the default tile
+        self.kernels = kernels  # when a dict: filled with kernel key -> x86_conv.KernelRequest
         self.batch = tvm.tirx.Var("n", "int64")
         h, w, c = g.input_shape
         self.x = relax.Var("x", relax.TensorType([self.batch, h, w, c], "uint8"))
@@ -330,15 +333,18 @@ def _conv_requantize_pairs(g: IntGraph) -> dict[str, Node]:
     return pairs
 
 
-def build_relax(g: IntGraph, schedules: str | None = None) -> tvm.IRModule:
+def build_relax(g: IntGraph, schedules: str | None = None, tiles: dict[str, tuple[int, int]] | None = None,
+                kernels: dict | None = None) -> tvm.IRModule:
     """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...].
 
-    schedules: a `lower.schedules` module name whose kernels replace the default ops they cover."""
+    schedules: a `lower.schedules` module name whose kernels replace the default ops they cover; tiles: kernel
+    key -> register tile of those kernels (`lower.tune`; default tile for the others); kernels: a dict to
+    fill with kernel key -> `x86_conv.KernelRequest` of every hand-scheduled kernel built."""
     missing = sorted({n.op for n in g.nodes if n.op not in CONVERTERS})
     if missing:
         raise DFQFError(f"the TVM lowering has no converter for {', '.join(missing)}; "
                         f"supported: {', '.join(CONVERTERS)}")
-    b = GraphBuilder(g, schedule_module(schedules))
+    b = GraphBuilder(g, schedule_module(schedules), tiles, kernels)
     fusable = _conv_requantize_pairs(g) if hasattr(b.schedules, "emit_conv2d_requantize") else {}
     deferred = {conv.name: conv for conv in fusable.values()}
     with b.bb.function("main", [b.x, *b.params.values()]):
@@ -371,13 +377,14 @@ def build_relax(g: IntGraph, schedules: str | None = None) -> tvm.IRModule:
 
 
 # -- compiling, exporting, loading ------------------------------------------------------------------------
-def compile_graph(g: IntGraph, target: str = "llvm", *, schedules: str = "auto", **opts: Any) -> relax.VMExecutable:
+def compile_graph(g: IntGraph, target: str = "llvm", *, schedules: str = "auto",
+                  tiles: dict[str, tuple[int, int]] | None = None, **opts: Any) -> relax.VMExecutable:
     """Compile `g` for `target` (a key of `lower.targets.TARGETS`; opts e.g. mcpu=..., arch='sm_90').
 
     schedules: "auto" (the set `lower.targets.select_schedules` picks from the target's CPU features),
-    "none" (TVM's default loops), or a set's name."""
+    "none" (TVM's default loops), or a set's name; tiles: as `build_relax`'s."""
     tvm_target = make_target(target, **opts)
-    mod = build_relax(g, select_schedules(target, tvm_target, schedules))
+    mod = build_relax(g, select_schedules(target, tvm_target, schedules), tiles)
     return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(target))
 
 

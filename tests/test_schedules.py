@@ -48,8 +48,9 @@ def test_supports_checks_exactness_bounds():
 
 
 # -- exactness of the scheduled conv ---------------------------------------------------------------------------
-def _assert_exact_vnni(g) -> None:
-    ex = tb.compile_graph(g, "llvm", mcpu="znver4")
+def _assert_exact(g, **compile_options) -> None:
+    """The compiled graph equals the NumPy reference at every batch size, extreme pixels included."""
+    ex = tb.compile_graph(g, "llvm", **compile_options)
     run = tb.IntegerExecutable(ex.mod, tvm.cpu())
     params = run.upload(tb.pack_params(g))
     rng = np.random.default_rng(7)
@@ -60,19 +61,31 @@ def _assert_exact_vnni(g) -> None:
         np.testing.assert_array_equal(run(x, params), run_graph(g, x))
 
 
-@requires_vnni
-@pytest.mark.parametrize("input_dtype,zp,kw", [
+def _assert_exact_vnni(g) -> None:
+    _assert_exact(g, mcpu="znver4")
+
+
+# input dtype and zero point, conv options: signed/unsigned inputs, strides, dilation, 1x1, int4 weights
+CONV_CASES = pytest.mark.parametrize("input_dtype,zp,kw", [
     ("uint8", 17, dict(stride=(1, 1), padding=(1, 1))),
     ("uint8", 250, dict(stride=(2, 2), padding=(1, 1), bits=4)),
     ("int8", -9, dict(stride=(2, 1), padding=(0, 2), dilation=(2, 1))),
     ("int8", 100, dict(k=1, stride=(2, 2), padding=(0, 0), bits=4)),
 ])
-def test_vnni_conv_matches_reference(input_dtype, zp, kw):
+
+
+def _conv_pair(input_dtype, zp, kw, second_out: int):
+    """conv (20 outputs: a padded last channel block) -> requantize -> conv (20 inputs, `second_out` outputs)."""
     m = GraphMaker(2, input_dtype, zp)
-    x = m.conv("c1", "q", 20, **kw)  # 20 outputs: the last 16-channel block is padded
-    x = m.requantize("r1", [x], relu=True)
-    m.conv("c2", x, 16, bits=kw.get("bits", 8))  # 20 inputs: Cin not a multiple of... 4 (20 is), 16 (not)
-    g = m.graph()
+    x = m.requantize("r1", [m.conv("c1", "q", 20, **kw)], relu=True)
+    m.conv("c2", x, second_out, bits=kw.get("bits", 8))
+    return m.graph()
+
+
+@requires_vnni
+@CONV_CASES
+def test_vnni_conv_matches_reference(input_dtype, zp, kw):
+    g = _conv_pair(input_dtype, zp, kw, 16)
     assert "vnni" in tb.build_relax(g, "x86_vnni").script()
     _assert_exact_vnni(g)
 
@@ -141,30 +154,13 @@ def test_selection_falls_back_to_avx2():
 
 
 def _assert_exact_avx2(g) -> None:
-    ex = tb.compile_graph(g, "llvm", schedules="x86_avx2", mcpu=AVX2_CPU)
-    run = tb.IntegerExecutable(ex.mod, tvm.cpu())
-    params = run.upload(tb.pack_params(g))
-    rng = np.random.default_rng(7)
-    for batch in BATCHES:
-        x = rng.integers(0, 256, (batch, H, W, C), dtype=np.uint8)
-        x[0, :2] = 0
-        x[-1, -2:] = 255
-        np.testing.assert_array_equal(run(x, params), run_graph(g, x))
+    _assert_exact(g, schedules="x86_avx2", mcpu=AVX2_CPU)
 
 
 @requires_avx2
-@pytest.mark.parametrize("input_dtype,zp,kw", [
-    ("uint8", 17, dict(stride=(1, 1), padding=(1, 1))),
-    ("uint8", 250, dict(stride=(2, 2), padding=(1, 1), bits=4)),
-    ("int8", -9, dict(stride=(2, 1), padding=(0, 2), dilation=(2, 1))),
-    ("int8", 100, dict(k=1, stride=(2, 2), padding=(0, 0), bits=4)),
-])
+@CONV_CASES
 def test_avx2_conv_matches_reference(input_dtype, zp, kw):
-    m = GraphMaker(2, input_dtype, zp)
-    x = m.conv("c1", "q", 20, **kw)  # 20 outputs: the last 8-channel block is padded
-    x = m.requantize("r1", [x], relu=True)
-    m.conv("c2", x, 12, bits=kw.get("bits", 8))  # unfused: the bias is added after the kernel
-    g = m.graph()
+    g = _conv_pair(input_dtype, zp, kw, 12)  # 12 outputs: a padded 8-channel block in the unfused kernel
     assert "conv2d_avx2" in tb.build_relax(g, "x86_avx2").script()
     _assert_exact_avx2(g)
 

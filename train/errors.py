@@ -44,15 +44,22 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _positive(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text}")
+        return value
+
+    parse.__doc__ = f"argparse type: a {what} > 0."
+    return parse
+
+
+positive_int = _positive(int, "integer")
+positive_float = _positive(float, "number")
 
 
 def bits_int(text: str) -> int:

@@ -4,7 +4,7 @@ Exact form. The graph's conv is acc = sum((x - zp) * w) + bias with zero padding
 computes exactly that: the Relax glue forms d = x - zp in int16 (|d| <= 255 for the zero points `supports`
 accepts) and pads it with zeros, the weights are widened to int16 once (parameter-only work), and
 vpmaddwd multiplies int16 pairs and adds each pair into one int32 lane: |d0 * w0 + d1 * w1| <=
-2 * 255 * 128 < 2^31, and the int32 accumulation is exact under the bound of `x86_vnni.supports`, which
+2 * 255 * 128 < 2^31, and the int32 accumulation is exact under the bound of `x86_conv.supports`, which
 applies unchanged. No vpmaddubsw: its u8 x s8 pair sums saturate int16 (2 * 255 * 127 > 2^15).
 
 Layout. The kernel reads d as NHWC int16 with Cin padded to a multiple of 4 and the weight as
@@ -31,7 +31,7 @@ from tvm.script import tirx as T
 
 from ..graph import Node
 from . import x86_conv
-from .x86_conv import Epilogue, out_hw, supports
+from .x86_conv import Epilogue, out_hw
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -130,31 +130,23 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x - zp in int16,
     zero-padded; the packed int16 weight; the bias padded to O8 channels; the shapes. None if the kernel
     cannot run it exactly."""
-    in_info = b.graph.tensors[node.inputs[0]]
-    if not supports(node, in_info.dtype):
+    k = x86_conv.geometry(b, node, LANES)
+    if k is None:
         return None
-    a = node.attrs
-    o, cin, kh, kw = (int(d) for d in np.shape(node.params["weight"]))
-    (ph, pw), stride, dilation = a["padding"], tuple(a["stride"]), tuple(a["dilation"])
-    _, h, w = in_info.shape
-    cin4, o8 = -(-cin // 4) * 4, -(-o // LANES) * LANES
-    zp = int(a["input_zero_point"])
-
+    zp = int(node.attrs["input_zero_point"])
+    (ph, pw) = k.padding
     d = R.astype(x, "int16")
     d = R.subtract(d, relax.const(np.int16(zp), "int16")) if zp else d  # |x - zp| <= 255 (`supports`)
-    d = b.emit(R.nn.pad(d, [0, 0, ph, ph, pw, pw, 0, cin4 - cin], "constant", 0.0))
+    d = b.emit(R.nn.pad(d, [0, 0, ph, ph, pw, pw, 0, k.cin4 - k.cin], "constant", 0.0))
 
     weight = R.astype(b.param(node, "weight"), "int16")  # int4 weights: unpacked once here
-    wp = R.nn.pad(weight, [0, o8 - o, 0, cin4 - cin, 0, 0, 0, 0], "constant", 0.0)
+    wp = R.nn.pad(weight, [0, k.o_pad - k.o, 0, k.cin4 - k.cin, 0, 0, 0, 0], "constant", 0.0)
     # [O8/8, 8 (oi), Cin4/4, 2 (half), 2 (pair), kh, kw] -> [O8/8, kh, kw, Cin4/4, half, oi, pair]
-    wp = R.reshape(wp, [o8 // LANES, LANES, cin4 // 4, 2, 2, kh, kw])
+    wp = R.reshape(wp, [k.o_pad // LANES, LANES, k.cin4 // 4, 2, 2, k.kh, k.kw])
     wp = b.emit(R.permute_dims(wp, [0, 5, 6, 2, 3, 1, 4]))
-    padded = (h + 2 * ph, w + 2 * pw)
-    return dict(u=d, wp=wp, bias=b.emit(R.nn.pad(b.param(node, "bias"), [0, o8 - o], "constant", 0.0)), o=o, o_pad=o8,
-                args=(b.batch, padded, cin4, o8 // LANES, (kh, kw), stride, dilation),
-                out_hw=out_hw(padded, (kh, kw), stride, dilation))
+    return k.kernel_inputs(b, d, wp, b.param(node, "bias"), LANES)
 
 
-FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2")
+FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2", MAX_ACC)
 emit_conv2d = partial(x86_conv.emit_conv2d, FAMILY)
 emit_conv2d_requantize = partial(x86_conv.emit_conv2d_requantize, FAMILY)

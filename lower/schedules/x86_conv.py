@@ -12,6 +12,8 @@ packed weight and bias as Relax values. This module gives it the rest:
   of columns x channel blocks (unrolled; at most `max_acc` vector accumulators, held in a "local" buffer
   that LLVM keeps in registers), then the tensorized dot; after the reduction, the tile's store or epilogue;
 - `emit_conv2d` / `emit_conv2d_requantize`: the Relax glue, for `lower.tvm_build`'s schedule-set interface.
+  Each kernel has a `kernel_key`; the builder's `tiles` (from `lower.tune`) may override its register tile,
+  and the builder's `kernels` (when not None) records every kernel it asks for.
 
 Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
 in int64 (`lower.reference`). The kernel computes it as ((sum_i t_i * M_i + offset') >> n) + zp_out with
@@ -24,13 +26,16 @@ vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 multiply.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 from tvm.s_tir import Schedule
+
+from train.errors import DFQFError
 
 from ..graph import Node
 
@@ -154,12 +159,102 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
 class Family:
     """A kernel family: `prepare(b, node, x)` -> the kernel inputs (dict: u, wp, bias, o, o_pad, args, out_hw)
     or None when the kernel cannot run `node` exactly; `kernel(*args, epilogue=)` -> the scheduled PrimFunc;
-    `lanes` output channels per block; `suffix` names the kernels (e.g. "conv2d_vnni")."""
+    `lanes` output channels per block; `suffix` names the kernels (e.g. "conv2d_vnni"); `max_acc` vector
+    accumulators a register tile may hold."""
 
     prepare: Callable[["GraphBuilder", Node, relax.Expr], dict | None]
     kernel: Callable[..., tirx.PrimFunc]
     lanes: int
     suffix: str
+    max_acc: int
+
+
+@dataclass
+class KernelRequest:
+    """One distinct kernel a graph asks for: its family, builder args (without the batch), epilogue, and the
+    conv nodes that use it."""
+
+    family: Family
+    args: tuple
+    epilogue: Epilogue | None
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def tile_extents(self) -> tuple[int, int]:
+        """(OW, out_blocks): the extents the register tile divides."""
+        in_hw, _, out_blocks, kernel, stride, dilation = self.args
+        return out_hw(in_hw, kernel, stride, dilation)[1], out_blocks
+
+
+def kernel_key(f: Family, args: tuple, epilogue: Epilogue | None) -> str:
+    """A stable name of a kernel: family, builder args without the batch (padded in_hw, cin, out_blocks,
+    kernel, stride, dilation) and epilogue, as compact JSON."""
+    names = ("in_hw", "cin", "out_blocks", "kernel", "stride", "dilation")
+    spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else int(v) for k, v in zip(names, args)},
+            "epilogue": None if epilogue is None else asdict(epilogue)}
+    return json.dumps(spec, separators=(",", ":"), default=list)
+
+
+def check_tile(f: Family, ow: int, out_blocks: int, tile: tuple[int, int]) -> tuple[int, int]:
+    """`tile` as (int, int) if it divides (OW, out_blocks) within `f.max_acc` accumulators, else a DFQFError."""
+    zt, obt = (int(t) for t in tile)
+    if zt < 1 or obt < 1 or ow % zt or out_blocks % obt or zt * obt > f.max_acc:
+        raise DFQFError(f"register tile {[zt, obt]} does not fit a {f.suffix} kernel with {ow} output columns and "
+                        f"{out_blocks} channel blocks (at most {f.max_acc} accumulators)")
+    return zt, obt
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What every family's `prepare` needs of a conv2d node: its sizes, with Cin padded to 4 and O to `lanes`."""
+
+    o: int
+    cin: int
+    kh: int
+    kw: int
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    in_hw: tuple[int, int]
+    cin4: int
+    o_pad: int
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        return self.in_hw[0] + 2 * self.padding[0], self.in_hw[1] + 2 * self.padding[1]
+
+    def kernel_inputs(self, b: "GraphBuilder", u: relax.Expr, wp: relax.Expr, bias: relax.Expr, lanes: int) -> dict:
+        """The dict `Family.prepare` returns: bias padded to O_pad channels, the kernel builder's arguments."""
+        return dict(u=u, wp=wp, bias=b.emit(R.nn.pad(bias, [0, self.o_pad - self.o], "constant", 0.0)), o=self.o,
+                    o_pad=self.o_pad, args=(b.batch, self.padded_hw, self.cin4, self.o_pad // lanes,
+                                            (self.kh, self.kw), self.stride, self.dilation),
+                    out_hw=out_hw(self.padded_hw, (self.kh, self.kw), self.stride, self.dilation))
+
+
+def geometry(b: "GraphBuilder", node: Node, lanes: int) -> ConvGeometry | None:
+    """conv2d `node`'s `ConvGeometry`, or None when a kernel of this family cannot run it exactly (`supports`)."""
+    in_info = b.graph.tensors[node.inputs[0]]
+    if not supports(node, in_info.dtype):
+        return None
+    a = node.attrs
+    o, cin, kh, kw = (int(d) for d in np.shape(node.params["weight"]))
+    _, h, w = in_info.shape
+    return ConvGeometry(o, cin, kh, kw, tuple(a["padding"]), tuple(a["stride"]), tuple(a["dilation"]), (h, w),
+                        -(-cin // 4) * 4, -(-o // lanes) * lanes)
+
+
+def _kernel(b: "GraphBuilder", f: Family, node: Node, k: dict, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel for `node`, with the builder's tile for its key (default tile otherwise); records
+    the request in `b.kernels` when the builder keeps one."""
+    args = tuple(k["args"][1:])
+    key = kernel_key(f, args, epilogue)
+    request = KernelRequest(f, args, epilogue)
+    if b.kernels is not None:
+        request = b.kernels.setdefault(key, request)
+        request.nodes.append(node.name)
+    tile = b.tiles.get(key)
+    tile = None if tile is None else check_tile(f, *request.tile_extents, tile)
+    return f.kernel(*k["args"], epilogue=epilogue, tile=tile)
 
 
 def _call(b: "GraphBuilder", f: Family, node: Node, func: tirx.PrimFunc, args: list, dtype: str, k: dict
@@ -177,7 +272,7 @@ def emit_conv2d(f: Family, b: "GraphBuilder", node: Node, x: relax.Expr) -> rela
     k = f.prepare(b, node, x)
     if k is None:
         return None
-    acc = _call(b, f, node, f.kernel(*k["args"]), [k["u"], k["wp"]], "int32", k)
+    acc = _call(b, f, node, _kernel(b, f, node, k), [k["u"], k["wp"]], "int32", k)
     return R.add(acc, b.per_channel(R.strided_slice(k["bias"], [0], [0], [k["o"]]), 4))
 
 
@@ -222,7 +317,7 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype)
-    func = f.kernel(*k["args"], epilogue=epilogue)
+    func = _kernel(b, f, conv, k, epilogue)
     args = [k["u"], k["wp"], k["bias"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
             *(terms[i] for i in residuals)]
     return _call(b, f, conv, func, args, dtype, k)

@@ -125,32 +125,26 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): the padded uint8
     input, the packed weight, bias - zp_u * sum(w) padded to O16 channels, and the shapes; None if the
     kernel cannot run it exactly."""
-    in_info = b.graph.tensors[node.inputs[0]]
-    if not supports(node, in_info.dtype):
+    k = x86_conv.geometry(b, node, LANES)
+    if k is None:
         return None
-    a = node.attrs
-    o, cin, kh, kw = (int(d) for d in np.shape(node.params["weight"]))
-    (ph, pw), stride, dilation = a["padding"], tuple(a["stride"]), tuple(a["dilation"])
-    _, h, w = in_info.shape
-    cin4, o16 = -(-cin // 4) * 4, -(-o // LANES) * LANES
-    zp_u = int(a["input_zero_point"]) + (128 if in_info.dtype == "int8" else 0)
-
-    if in_info.dtype == "int8":  # u = x + 128 as uint8 (the bit pattern with its sign bit flipped)
+    input_dtype = b.graph.tensors[node.inputs[0]].dtype
+    zp_u = int(node.attrs["input_zero_point"]) + (128 if input_dtype == "int8" else 0)
+    (ph, pw) = k.padding
+    if input_dtype == "int8":  # u = x + 128 as uint8 (the bit pattern with its sign bit flipped)
         x = R.astype(R.add(R.astype(x, "int16"), relax.const(np.int16(128), "int16")), "uint8")
-    u = b.emit(R.nn.pad(x, [0, 0, ph, ph, pw, pw, 0, cin4 - cin], "constant", float(zp_u)))
+    u = b.emit(R.nn.pad(x, [0, 0, ph, ph, pw, pw, 0, k.cin4 - k.cin], "constant", float(zp_u)))
 
     weight = b.emit(b.param(node, "weight"))  # [O, Cin, kh, kw] int8 (int4 weights: unpacked once here)
-    wp = R.nn.pad(weight, [0, o16 - o, 0, cin4 - cin, 0, 0, 0, 0], "constant", 0.0)
-    wp = b.emit(R.permute_dims(R.reshape(wp, [o16 // LANES, LANES, cin4 // 4, 4, kh, kw]), [0, 4, 5, 2, 1, 3]))
+    wp = R.nn.pad(weight, [0, k.o_pad - k.o, 0, k.cin4 - k.cin, 0, 0, 0, 0], "constant", 0.0)
+    wp = R.reshape(wp, [k.o_pad // LANES, LANES, k.cin4 // 4, 4, k.kh, k.kw])
+    wp = b.emit(R.permute_dims(wp, [0, 4, 5, 2, 1, 3]))
     # bias - zp_u * sum(w): in int32 without overflow (`supports`)
     wsum = R.sum(R.astype(weight, "int32"), axis=[1, 2, 3])
     bias = R.subtract(b.param(node, "bias"), R.multiply(wsum, relax.const(np.int32(zp_u), "int32")))
-    padded = (h + 2 * ph, w + 2 * pw)
-    return dict(u=u, wp=wp, bias=b.emit(R.nn.pad(bias, [0, o16 - o], "constant", 0.0)), o=o, o_pad=o16,
-                args=(b.batch, padded, cin4, o16 // LANES, (kh, kw), stride, dilation),
-                out_hw=out_hw(padded, (kh, kw), stride, dilation))
+    return k.kernel_inputs(b, u, wp, bias, LANES)
 
 
-FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni")
+FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni", MAX_ACC)
 emit_conv2d = partial(x86_conv.emit_conv2d, FAMILY)
 emit_conv2d_requantize = partial(x86_conv.emit_conv2d_requantize, FAMILY)
