@@ -37,7 +37,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "w4a4-no-inception": (JPEG, "test", ["--w-inception", "0"]),
     "w4a4-no-bn": (JPEG, "test", ["--w-bn", "0"]),
     "w4a4-no-adversarial": (JPEG, "test", ["--w-adv", "0"]),
-    "w4a4-alternating": (JPEG, "test", ["--schedule", "alternating"]),
+    # alternating G/S steps, 800 of each (two-stage: 300 G, 400 S): about 35 min on one thread here
+    "w4a4-alternating": (JPEG, "test", ["--schedule", "alternating", "--alt-steps", "800"]),
 }
 # config fields shown in the table's run-config line
 SHOWN = ("g_steps", "g_batch", "synth_images", "s_epochs", "s_batch", "s_lr", "s_scale_lr", "temperature",

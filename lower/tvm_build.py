@@ -403,14 +403,34 @@ class PreparedParams(list):
 TRANSFORM_PARAMS = "main_transform_params"  # made by relax LiftTransformParams from main's parameter-only work
 
 
+# Below this many MACs per conv kernel call, a batch runs on one CPU thread: every kernel is a fork-join of
+# TVM's thread pool, and waking the other threads (~15 us per kernel when idle threads do not spin) costs
+# more than they save. Measured 2026-11-24 on the 2-core host, ResNet20 W8A8 (2.1 MMAC per conv and image),
+# 1 vs 2 threads: batch 1 0.29 vs 0.96 ms, batch 8 2.1 vs 2.3 ms, batch 16 4.2 vs 3.4 ms, batch 32 8.3 vs 5.7 ms.
+PARALLEL_MIN_MACS = 24_000_000
+
+
+def cpu_threads(n: int | None = None) -> int:
+    """The size of TVM's CPU thread pool; with `n`, resize it first (cheap: ~30 us, threads are kept)."""
+    if n is not None and n != tvm.runtime.module.num_threads():
+        tvm.get_global_func("runtime.config_threadpool")(1, n)  # 1: the pool's default (big-core) mode
+    return tvm.runtime.module.num_threads()
+
+
 class IntegerExecutable:
-    """A loaded module: `self(pixels, params)` -> int32 numpy logits; params in `param_order` (or `upload`ed)."""
+    """A loaded module: `self(pixels, params)` -> int32 numpy logits; params in `param_order` (or `upload`ed).
+
+    On the CPU a call uses all of TVM's threads (TVM_NUM_THREADS) only when its kernels are large enough:
+    `parallel_min_batch` (set from the graph by `runtime.model`, `PARALLEL_MIN_MACS`); smaller batches run on
+    one thread."""
 
     def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
         self.device = device
         self.vm = relax.VirtualMachine(module, device)
         self.main = self.vm["main"]
         self.input: tvm.runtime.Tensor | None = None  # reused while the image batch shape stays the same
+        self.max_threads = cpu_threads() if device.dlpack_device_type() == 1 else 1
+        self.parallel_min_batch = 1
         try:
             self.transform_params = self.vm[TRANSFORM_PARAMS] is not None
         except (AttributeError, KeyError, RuntimeError, ValueError, tvm.error.InternalError):
@@ -434,6 +454,8 @@ class IntegerExecutable:
         if self.input is None or tuple(self.input.shape) != pixels.shape:
             self.input = tvm.runtime.empty(pixels.shape, "uint8", self.device)
         self.input.copyfrom(np.ascontiguousarray(pixels))
+        if self.max_threads > 1:
+            cpu_threads(self.max_threads if len(pixels) >= self.parallel_min_batch else 1)
         out = self.main(self.input, *self.upload(params))
         # on the CPU the logits are handed over without a copy (the returned array keeps them alive)
         return np.from_dlpack(out) if self.device.dlpack_device_type() == 1 else out.numpy()

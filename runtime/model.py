@@ -46,6 +46,7 @@ class IntegerModel:
                 raise DFQFError(f"{self.path}: parameter {key} is missing or not {dtype}{list(shape)}")
             params.append(a)
         self.executable = load_executable(self.path / LIBRARY, self.device)
+        self.executable.parallel_min_batch = parallel_min_batch(self.graph)
         self.params = self.executable.upload(params)
         self.scale = self.graph.output_scale.astype(np.float32)
 
@@ -57,6 +58,16 @@ class IntegerModel:
     def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Real logits: the int32 output times its per-class scale (the only float op, after the graph)."""
         return self.predict_int(images, batch_size) * self.scale
+
+
+def parallel_min_batch(graph: IntGraph) -> int:
+    """The smallest batch whose average conv kernel call has `PARALLEL_MIN_MACS` (multi-threaded below that
+    is slower: `lower.tvm_build.IntegerExecutable`)."""
+    from lower.tvm_build import PARALLEL_MIN_MACS
+
+    macs = [int(np.prod(graph.tensors[n.name].shape)) * int(np.prod(np.shape(n.params["weight"])[1:]))
+            for n in graph.nodes if n.op == "conv2d"]
+    return max(1, -(-PARALLEL_MIN_MACS // max(1, int(np.mean(macs))))) if macs else 1
 
 
 class OnnxModel:

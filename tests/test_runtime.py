@@ -3,6 +3,7 @@ ORT runs the QDQ export, artifacts are verified, and bad input is one clear line
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,29 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
     assert sum(r["macs"] for r in report["table"]) == expected
 
     assert main([str(path), "--batch", "1", "--repeat", "1"]) == 0
+
+
+def test_small_batches_run_on_one_thread_with_identical_results(artifacts) -> None:
+    """In a process allowed two TVM threads: a batch below parallel_min_batch runs on one, a larger one on
+    both, with the same integers (and the reference's)."""
+    from runtime.model import parallel_min_batch
+
+    assert load(artifacts["w8a8"]).executable.parallel_min_batch == parallel_min_batch(load(artifacts["w8a8"]).graph)
+    script = f"""
+import json, numpy as np
+from lower.reference import run_graph
+from lower.tvm_build import cpu_threads
+from runtime import load
+model = load({str(artifacts["w8a8"])!r})
+ex = model.executable
+ex.parallel_min_batch = 4
+x = np.random.default_rng(5).integers(0, 256, (4, *model.graph.input_shape), dtype=np.uint8)
+small = ex(x[:1], model.params); t_small = cpu_threads()
+large = ex(x, model.params); t_large = cpu_threads()
+print(json.dumps([ex.max_threads, t_small, t_large, bool(np.array_equal(small, large[:1])),
+                  bool(np.array_equal(large, run_graph(model.graph, x)))]))
+"""
+    env = {**os.environ, "TVM_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [2, 1, 2, True, True]
