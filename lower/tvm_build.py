@@ -429,6 +429,7 @@ class IntegerExecutable:
         self.vm = relax.VirtualMachine(module, device)
         self.main = self.vm["main"]
         self.input: tvm.runtime.Tensor | None = None  # reused while the image batch shape stays the same
+        self.input_view: np.ndarray | None = None
         self.max_threads = cpu_threads() if device.dlpack_device_type() == 1 else 1
         self.parallel_min_batch = 1
         try:
@@ -453,7 +454,12 @@ class IntegerExecutable:
             raise DFQFError(f"expected uint8 NHWC images, got {pixels.dtype} {list(pixels.shape)}")
         if self.input is None or tuple(self.input.shape) != pixels.shape:
             self.input = tvm.runtime.empty(pixels.shape, "uint8", self.device)
-        self.input.copyfrom(np.ascontiguousarray(pixels))
+            # on the CPU, a numpy view of the tensor: filling it is a plain memcpy (copyfrom costs ~10 us)
+            self.input_view = np.from_dlpack(self.input) if self.device.dlpack_device_type() == 1 else None
+        if self.input_view is not None:
+            self.input_view[...] = pixels
+        else:
+            self.input.copyfrom(np.ascontiguousarray(pixels))
         if self.max_threads > 1:
             cpu_threads(self.max_threads if len(pixels) >= self.parallel_min_batch else 1)
         out = self.main(self.input, *self.upload(params))
