@@ -96,7 +96,10 @@ def profile(artifact: Path, batch: int, repeat: int) -> dict[str, Any]:
         r["share"] = r["ms"] / total if total else 0.0
         r["gmac_s"] = r["macs"] / (r["ms"] * 1e-3) / 1e9 if r["macs"] and r["ms"] else None
         r["ms"] = round(r["ms"], 4)
-    return {"artifact": str(artifact), "batch": batch, "threads": int(os.environ.get("TVM_NUM_THREADS", "0")) or None,
+    from lower.tvm_build import cpu_threads
+
+    # the threads the calls ran on: all of TVM's pool, or one for a batch below the parallel threshold
+    return {"artifact": str(artifact), "batch": batch, "threads": cpu_threads(),
             "end_to_end_ms": round(end_to_end * 1e3, 4), "kernels_ms": round(total, 4),
             "overhead_ms": round(end_to_end * 1e3 - total, 4), "kernel_calls": len(calls), "table": table}
 
