@@ -102,22 +102,33 @@ def test_vnni_conv_with_grouped_fallback_and_residual():
     _assert_exact_vnni(m.graph())
 
 
+def _fusion_graph(input_dtype: str, input_zp: int, dtype: str, per_channel: bool, stride=(1, 1), c3_bits: int = 8):
+    """Convs whose requantize can be fused into the kernel (c0; c1 with a residual; c3, with c2's int32
+    accumulator as its residual) and cannot (c2, the other conv of that requantize; c4 and c5, residuals of
+    20 channels)."""
+    m = GraphMaker(5, input_dtype, input_zp)
+    a = m.requantize("a", [m.conv("c0", "q", 16, stride=stride)], zero_point=9)  # 16 channels: residual-capable
+    b = m.conv("c1", a, 16)
+    m.requantize("y", [b, a], dtype=dtype, zero_point=-5 if dtype == "int8" else 4, per_channel=per_channel)
+    z = m.requantize("z", [m.conv("c2", "y", 16, k=1, padding=(0, 0)), m.conv("c3", "y", 16, bits=c3_bits)])
+    m.requantize("w", [m.conv("c4", z, 20), m.conv("c5", z, 20)])  # residual of 20 channels: not fusable
+    return m.graph()
+
+
+def _assert_fused_kernels(g, schedules: str, suffix: str) -> None:
+    kernels = {gv.name_hint.removesuffix(suffix): [p.name for p in f.params]
+               for gv, f in tb.build_relax(g, schedules).functions_items() if gv.name_hint.endswith(suffix)}
+    assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
+    assert {name for name, params in kernels.items() if "multiplier" in params} == {"c0", "c1", "c3"}
+
+
 @requires_vnni
 @pytest.mark.parametrize("dtype,per_channel", [("uint8", True), ("int8", False)])
 def test_conv_requantize_fused_into_one_kernel(dtype, per_channel):
     """A conv whose only consumer is a requantize runs as one kernel with the requantize as its epilogue
     (residual terms included, any zero points); pairs the epilogue cannot take fall back to two ops."""
-    m = GraphMaker(5, "uint8", 7)
-    a = m.requantize("a", [m.conv("c0", "q", 16)], zero_point=9)  # 16 channels: residual-capable
-    b = m.conv("c1", a, 16)
-    m.requantize("y", [b, a], dtype=dtype, zero_point=-5 if dtype == "int8" else 4, per_channel=per_channel)
-    z = m.requantize("z", [m.conv("c2", "y", 16, k=1, padding=(0, 0)), m.conv("c3", "y", 16)])  # int32 residual
-    m.requantize("w", [m.conv("c4", z, 20), m.conv("c5", z, 20)])  # residual of 20 channels: not fusable
-    g = m.graph()
-    kernels = {gv.name_hint.removesuffix("_conv2d_vnni"): [p.name for p in f.params]
-               for gv, f in tb.build_relax(g, "x86_vnni").functions_items() if gv.name_hint.endswith("_conv2d_vnni")}
-    assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
-    assert {name for name, params in kernels.items() if "multiplier" in params} == {"c0", "c1", "c3"}
+    g = _fusion_graph("uint8", 7, dtype, per_channel)
+    _assert_fused_kernels(g, "x86_vnni", "_conv2d_vnni")
     _assert_exact_vnni(g)
 
 
@@ -168,19 +179,10 @@ def test_avx2_conv_matches_reference(input_dtype, zp, kw):
 @requires_avx2
 @pytest.mark.parametrize("dtype,per_channel", [("uint8", True), ("int8", False)])
 def test_avx2_conv_requantize_fused(dtype, per_channel):
-    """As test_conv_requantize_fused_into_one_kernel, with 8-channel blocks: residuals of 20 channels
-    (not a multiple of 8) fall back to two ops."""
-    m = GraphMaker(5, "int8", -7)
-    a = m.requantize("a", [m.conv("c0", "q", 16, stride=(2, 2))], zero_point=9)
-    b = m.conv("c1", a, 16)
-    m.requantize("y", [b, a], dtype=dtype, zero_point=-5 if dtype == "int8" else 4, per_channel=per_channel)
-    z = m.requantize("z", [m.conv("c2", "y", 16, k=1, padding=(0, 0)), m.conv("c3", "y", 16, bits=4)])
-    m.requantize("w", [m.conv("c4", z, 20), m.conv("c5", z, 20)])
-    g = m.graph()
-    kernels = {gv.name_hint.removesuffix("_conv2d_avx2"): [p.name for p in f.params]
-               for gv, f in tb.build_relax(g, "x86_avx2").functions_items() if gv.name_hint.endswith("_conv2d_avx2")}
-    assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
-    assert {name for name, params in kernels.items() if "multiplier" in params} == {"c0", "c1", "c3"}
+    """As test_conv_requantize_fused_into_one_kernel, with 8-channel blocks, int8 inputs, a strided first
+    conv and an int4 conv: residuals of 20 channels (not a multiple of 8) fall back to two ops."""
+    g = _fusion_graph("int8", -7, dtype, per_channel, stride=(2, 2), c3_bits=4)
+    _assert_fused_kernels(g, "x86_avx2", "_conv2d_avx2")
     _assert_exact_avx2(g)
 
 
