@@ -136,6 +136,12 @@ class IntGraph:
         """Real logits = output_scale * int32 output (per class)."""
         return np.asarray(self.tensors[self.output].scale, dtype=np.float64)
 
+    def layer_macs(self) -> dict[str, int]:
+        """Multiply-accumulates per image of every conv2d and dense node: output elements times the
+        weight's fan-in (Cin/groups x kh x kw for a conv, K for a dense)."""
+        return {n.name: int(np.prod(self.tensors[n.name].shape)) * int(np.prod(np.shape(n.params["weight"])[1:]))
+                for n in self.nodes if n.op in ("conv2d", "dense")}
+
     def check_images(self, images: Any) -> np.ndarray:
         """uint8 [N, H, W, C] pixels of this graph's input shape, as a contiguous array."""
         x = np.asarray(images)

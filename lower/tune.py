@@ -32,7 +32,7 @@ import tvm
 from train.errors import DFQFError
 
 from .graph import IntGraph
-from .schedules.x86_conv import KernelRequest, check_tile, out_hw, register_tile
+from .schedules.x86_conv import KernelRequest, check_tile, out_hw, register_tile, tiles_by_preference
 
 VERSION = 1
 BATCH = 8  # the batch the kernels are timed at
@@ -57,14 +57,11 @@ def default_tile(r: KernelRequest) -> tuple[int, int]:
 
 
 def candidates(r: KernelRequest, cap: int = MAX_CANDIDATES) -> list[tuple[int, int]]:
-    """Register tiles worth timing, best first by `register_tile`'s order (so the default comes first):
-    zt dividing OW, obt dividing out_blocks, 2 <= zt * obt <= the family's accumulators; at most `cap`."""
-    ow, out_blocks = r.tile_extents
-    fits = [(zt, obt) for obt in range(1, out_blocks + 1) for zt in range(1, ow + 1)
-            if not out_blocks % obt and not ow % zt and 2 <= zt * obt <= r.family.max_acc]
-    order = sorted(fits, key=lambda t: (t[0] * t[1], -(t[0] + t[1]), t[0]), reverse=True)
-    default = default_tile(r)  # first even where it holds one accumulator (OW = out_blocks = 1)
-    return ([default] + [t for t in order if t != default])[:cap]
+    """Register tiles worth timing, best first (`x86_conv.tiles_by_preference`, so the default comes first):
+    those with at least 2 accumulators, and the default even where it holds one (OW = out_blocks = 1);
+    at most `cap`."""
+    ranked = tiles_by_preference(*r.tile_extents, r.family.max_acc)
+    return [t for i, t in enumerate(ranked) if i == 0 or t[0] * t[1] >= 2][:cap]
 
 
 def macs(r: KernelRequest) -> int:

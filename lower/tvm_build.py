@@ -25,9 +25,10 @@ reference bit for bit:
 
 Speed. `compile_graph` picks a schedule set from the target's CPU features (`lower.targets.select_schedules`):
 on AVX-512 VNNI hosts conv2d runs as a tensorized u8 x s8 vpdpbusd kernel (`lower.schedules.x86_vnni`, exact
-form sum(u * w) - zp_u * sum(w) + bias, with the following requantize fused in as its epilogue when the conv
-is that requantize's term and has no other consumer: `_conv_requantize_pairs`); elsewhere the int16 form
-above with TVM's default loops. main
+form sum(u * w) - zp_u * sum(w) + bias), on other AVX2 hosts as an int16 vpmaddwd kernel
+(`lower.schedules.x86_avx2`), each with the following requantize fused in as its epilogue when the conv is
+that requantize's term and has no other consumer (`_conv_requantize_pairs`); elsewhere the int16 form above
+with TVM's default loops. main
 carries num_input=1, so relax LiftTransformParams moves parameter-only work (weight packing, int4 unpack,
 per-channel terms) into `main_transform_params`, which `IntegerExecutable.upload` runs once.
 
@@ -430,7 +431,8 @@ class IntegerExecutable:
         self.main = self.vm["main"]
         self.input: tvm.runtime.Tensor | None = None  # reused while the image batch shape stays the same
         self.input_view: np.ndarray | None = None
-        self.max_threads = cpu_threads() if device.dlpack_device_type() == 1 else 1
+        self.on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+        self.max_threads = cpu_threads() if self.on_cpu else 1
         self.parallel_min_batch = 1
         try:
             self.transform_params = self.vm[TRANSFORM_PARAMS] is not None
@@ -455,7 +457,7 @@ class IntegerExecutable:
         if self.input is None or tuple(self.input.shape) != pixels.shape:
             self.input = tvm.runtime.empty(pixels.shape, "uint8", self.device)
             # on the CPU, a numpy view of the tensor: filling it is a plain memcpy (copyfrom costs ~10 us)
-            self.input_view = np.from_dlpack(self.input) if self.device.dlpack_device_type() == 1 else None
+            self.input_view = np.from_dlpack(self.input) if self.on_cpu else None
         if self.input_view is not None:
             self.input_view[...] = pixels
         else:
@@ -464,7 +466,7 @@ class IntegerExecutable:
             cpu_threads(self.max_threads if len(pixels) >= self.parallel_min_batch else 1)
         out = self.main(self.input, *self.upload(params))
         # on the CPU the logits are handed over without a copy (the returned array keeps them alive)
-        return np.from_dlpack(out) if self.device.dlpack_device_type() == 1 else out.numpy()
+        return np.from_dlpack(out) if self.on_cpu else out.numpy()
 
 
 def _device(device: str | tvm.runtime.Device) -> tvm.runtime.Device:

@@ -65,8 +65,7 @@ def parallel_min_batch(graph: IntGraph) -> int:
     is slower: `lower.tvm_build.IntegerExecutable`)."""
     from lower.tvm_build import PARALLEL_MIN_MACS
 
-    macs = [int(np.prod(graph.tensors[n.name].shape)) * int(np.prod(np.shape(n.params["weight"])[1:]))
-            for n in graph.nodes if n.op == "conv2d"]
+    macs = [m for name, m in graph.layer_macs().items() if graph.node(name).op == "conv2d"]
     return max(1, -(-PARALLEL_MIN_MACS // max(1, int(np.mean(macs))))) if macs else 1
 
 

@@ -21,8 +21,9 @@ offset' = offset + 2^(n-1) - sum_i zp_i * M_i folded per channel into one int64 
 (parameter-only work, done once). Both sides are the same integer: int64 addition and multiplication are
 exact modulo 2^64 and the final sum is in range (`lower.integerize.joint_dyadic` bounds it), so the order of
 the terms cannot change the result. Every t_i is a 32-bit value (the int32 accumulator plus bias, or an
-8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as int32: LLVM multiplies them with
-vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 multiply.
+8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as int32: LLVM multiplies the conv term
+with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 multiply (it keeps vpmullq for the 8-bit
+residual terms).
 """
 from __future__ import annotations
 
@@ -65,13 +66,18 @@ def supports(node: Node, input_dtype: str) -> bool:
     return 0 <= zp_u <= 255 and 2 * 255 * w_max * cin * kh * kw + bias_max <= MAX_EXACT
 
 
-def register_tile(ow: int, out_blocks: int, max_acc: int) -> tuple[int, int]:
-    """(output columns, channel blocks) of the register tile: as many accumulators as fit `max_acc`, the
-    columns dividing OW and the blocks dividing out_blocks (no remainder tiles); among those the squarest,
-    which loads the fewest broadcasts plus weight vectors per reduction step."""
+def tiles_by_preference(ow: int, out_blocks: int, max_acc: int) -> list[tuple[int, int]]:
+    """Every register tile (output columns, channel blocks) with the columns dividing OW and the blocks
+    dividing out_blocks (no remainder tiles) within `max_acc` accumulators, best first: the most
+    accumulators, then the squarest (fewest broadcasts plus weight loads per reduction step)."""
     fits = [(zt, obt) for obt in range(1, out_blocks + 1) for zt in range(1, ow + 1)
             if not out_blocks % obt and not ow % zt and zt * obt <= max_acc]
-    return max(fits, key=lambda t: (t[0] * t[1], -(t[0] + t[1]), t[0]))
+    return sorted(fits, key=lambda t: (t[0] * t[1], -(t[0] + t[1]), t[0]), reverse=True)
+
+
+def register_tile(ow: int, out_blocks: int, max_acc: int) -> tuple[int, int]:
+    """The default register tile: the first of `tiles_by_preference`."""
+    return tiles_by_preference(ow, out_blocks, max_acc)[0]
 
 
 @dataclass(frozen=True)

@@ -43,15 +43,15 @@ LANES = 16  # int32 lanes of a zmm register: output channels per block
 MAX_ACC = 16  # zmm accumulators per register tile (of 32 registers: the rest hold weights and broadcasts)
 
 
-def _dot_16x4(scope: str):
-    """(description, implementation) of the 16 x 4 dot with the accumulator C in memory scope `scope`.
-    The schedule accumulates in "local" (registers); tensorize matches buffer scopes, hence one pair per scope."""
+def _dot_16x4():
+    """(description, implementation) of the 16 x 4 dot, with the accumulator C in "local" scope (registers:
+    the schedule accumulates there, and tensorize matches buffer scopes)."""
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -66,7 +66,7 @@ def _dot_16x4(scope: str):
     def vnni(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -86,7 +86,7 @@ def _dot_16x4(scope: str):
 def register_intrinsics() -> None:
     """Register `DOT_16X4` once per process."""
     if TensorIntrin.get(DOT_16X4, allow_missing=True) is None:
-        TensorIntrin.register(DOT_16X4, *_dot_16x4("local"))
+        TensorIntrin.register(DOT_16X4, *_dot_16x4())
 
 
 def register_tile(ow: int, out_blocks: int) -> tuple[int, int]:
