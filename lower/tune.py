@@ -3,14 +3,15 @@ hand-scheduled conv kernel (`lower.schedules.x86_conv`), cached in the artifact 
 
 Why not meta_schedule. The issue asked for optional meta_schedule tuning with its database in the artifact.
 meta_schedule cannot tensorize our VNNI dot intrinsic, and every hand-written conv kernel is marked
-`tirx.is_scheduled` (meta_schedule skips it), so meta_schedule would only touch the small elementwise kernels. The knob that matters for the convs is our own register tile (output columns
-x channel blocks, `x86_conv.register_tile`): it decides how many accumulators stay in registers and how many
-broadcasts and weight loads each reduction step needs. So this module times a few tiles per kernel and
+`tirx.is_scheduled` (meta_schedule skips it), so meta_schedule would only touch the small elementwise kernels.
+The knob that matters for the convs is our own register tile (output columns x channel blocks,
+`x86_conv.register_tile`): it decides how many accumulators stay in registers and how many broadcasts and
+weight loads each reduction step needs. So this module times a few tiles per kernel and
 keeps the fastest. Correctness never depends on it: the tile only reorders the loops of an exact integer
 computation, so every tile gives the same integers; without a tuning file every kernel gets its default tile.
 
-Kernels are keyed by `x86_conv.kernel_key` (family, padded input size, channels, kernel, stride, dilation,
-epilogue), so a tuning.json from one artifact applies to any graph with the same kernels (`--tuning FILE`).
+Kernels are keyed by `x86_conv.kernel_key` (family, input size, padding, channels, input dtype, kernel, stride,
+dilation, epilogue), so a tuning.json from one artifact applies to any graph with the same kernels (`--tuning FILE`).
 The result (JSON, `VERSION`):
     {"version": 1, "target": ..., "batch": 8, "budget_s": ..., "seconds": ..., "rounds": ...,
      "kernels": {key: {"tile": [zt, obt], "default": [zt, obt], "status": "tuned" | "from file" | "default",
@@ -66,8 +67,8 @@ def candidates(r: KernelRequest, cap: int = MAX_CANDIDATES) -> list[tuple[int, i
 
 def macs(r: KernelRequest) -> int:
     """Multiply-accumulates of one image through the kernel, times the nodes that use it."""
-    in_hw, cin, out_blocks, kernel, stride, dilation = r.args
-    oh, ow = out_hw(in_hw, kernel, stride, dilation)
+    in_hw, padding, cin, _, out_blocks, kernel, stride, dilation = r.args
+    oh, ow = out_hw(tuple(i + 2 * p for i, p in zip(in_hw, padding)), kernel, stride, dilation)
     return oh * ow * out_blocks * r.family.lanes * cin * kernel[0] * kernel[1] * len(r.nodes)
 
 

@@ -205,3 +205,66 @@ def test_avx2_register_tile_fits_the_accumulators():
     assert x86_avx2.register_tile(7, 1) == (7, 1)
     assert all(zt * obt <= x86_avx2.MAX_ACC for zt, obt in (x86_avx2.register_tile(w, o) for w in range(1, 40)
                                                             for o in range(1, 9)))
+
+
+# -- the padding stage inside the kernels (no pad kernel; rows split across parallel tasks) --------------------
+def _run_kernel(func, target, *arrays) -> np.ndarray:
+    """Compile a kernel PrimFunc and run it on `arrays`; returns its last (output) argument."""
+    mod = tvm.compile(tvm.IRModule({"main": func}), target=target).mod
+    out_buf = func.params[-1]
+    shape = [arrays[0].shape[0] if isinstance(d, tvm.tirx.Var) else int(d) for d in out_buf.shape]
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays] + [tvm.runtime.tensor(np.zeros(shape, out_buf.dtype))]
+    mod["main"](*args)
+    return args[-1].numpy()
+
+
+def _padded_conv(d: np.ndarray, w: np.ndarray, padding, stride, dilation, fill: int) -> np.ndarray:
+    """int64 NHWC conv of d [n, H, W, C] padded with `fill` by w [O, C, kh, kw] (the NumPy reference)."""
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    dp = np.pad(d.astype(np.int64), [(0, 0), (ph, ph), (pw, pw), (0, 0)], constant_values=fill)
+    o, _, kh, kw = w.shape
+    oh = (dp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    ow = (dp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    out = np.zeros((d.shape[0], oh, ow, o), np.int64)
+    for r in range(kh):
+        for s in range(kw):
+            patch = dp[:, r * dh: r * dh + (oh - 1) * sh + 1: sh, s * dw: s * dw + (ow - 1) * sw + 1: sw]
+            out += patch @ w[:, :, r, s].T.astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("family", ["vnni", "avx2"])
+@pytest.mark.parametrize("in_dtype,zp,padding,stride,dilation", [
+    ("uint8", 200, (1, 1), (1, 1), (1, 1)),  # OH 20: 4 parallel tasks of 5 rows
+    ("int8", -3, (2, 1), (2, 1), (2, 1)),  # OH 9: one task of 9 rows; rows and columns padded differently
+    ("uint8", 0, (0, 0), (1, 1), (1, 1)),  # no padding: uint8 inputs are read in place by VNNI
+])
+def test_kernel_pads_its_input_itself(family, in_dtype, zp, padding, stride, dilation):
+    """The kernels read the unpadded activation: the padded rows each parallel task needs are formed inside
+    the kernel, with the zero point (VNNI: u = x (+128), padded with zp_u) or zero (AVX2: d = x - zp)."""
+    if not (HOST_VNNI if family == "vnni" else HOST_AVX2):
+        pytest.skip(f"host CPU lacks the {family} instructions")
+    rng = np.random.default_rng(11)
+    n, (h, w), cin, o, (kh, kw) = 2, (20, 13), 8, 32, (3, 3)
+    lo, hi = (0, 256) if in_dtype == "uint8" else (-128, 128)
+    x = rng.integers(lo, hi, (n, h, w, cin)).astype(in_dtype)
+    wt = rng.integers(-128, 128, (o, cin, kh, kw)).astype(np.int8)
+    batch = tvm.tirx.Var("n", "int64")
+    if family == "vnni":
+        zp_u = zp + (128 if in_dtype == "int8" else 0)
+        func = x86_vnni.conv2d_nhwc_u8s8(batch, (h, w), padding, cin, in_dtype, o // 16, (kh, kw), stride, dilation)
+        packed = wt.reshape(o // 16, 16, cin // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3)
+        u = x.astype(np.int64) + (128 if in_dtype == "int8" else 0)
+        expect = _padded_conv(u, wt, padding, stride, dilation, zp_u)
+        got = _run_kernel(func, make_target("llvm", mcpu="znver4"), x, np.array([zp_u], np.int32),
+                          np.ascontiguousarray(packed))
+    else:
+        func = x86_avx2.conv2d_nhwc_s16(batch, (h, w), padding, cin, in_dtype, o // 8, (kh, kw), stride, dilation)
+        packed = wt.astype(np.int16).reshape(o // 8, 8, cin // 4, 2, 2, kh, kw).transpose(0, 5, 6, 2, 3, 1, 4)
+        expect = _padded_conv(x.astype(np.int64) - zp, wt, padding, stride, dilation, 0)
+        got = _run_kernel(func, make_target("llvm", mcpu=AVX2_CPU), x, np.array([zp], np.int32),
+                          np.ascontiguousarray(packed))
+    has_pad_stage = padding != (0, 0) or in_dtype != "uint8" or family == "avx2"
+    assert ('T.sblock("pad")' in func.script()) == has_pad_stage
+    np.testing.assert_array_equal(got, expect)
+

@@ -30,13 +30,16 @@ requires_schedules = pytest.mark.skipif(SCHEDULES is None, reason="host has no h
 
 
 def _request(in_hw, cin, out_blocks, kernel=(3, 3), stride=(1, 1)) -> KernelRequest:
-    return KernelRequest(x86_vnni.FAMILY, (in_hw, cin, out_blocks, kernel, stride, (1, 1)), None, ["c"])
+    """A request for a kernel on the unpadded input `in_hw` padded by 1 (3x3) or 0 (1x1)."""
+    padding = tuple((k - 1) // 2 for k in kernel)
+    return KernelRequest(x86_vnni.FAMILY, (in_hw, padding, cin, "uint8", out_blocks, kernel, stride, (1, 1)), None,
+                         ["c"])
 
 
 @pytest.mark.parametrize("in_hw,out_blocks,kernel,stride", [
-    ((34, 34), 1, (3, 3), (1, 1)),  # OW 32
-    ((18, 18), 4, (3, 3), (1, 1)),  # OW 16
-    ((9, 9), 3, (3, 3), (1, 1)),  # OW 7: prime
+    ((32, 32), 1, (3, 3), (1, 1)),  # OW 32
+    ((16, 16), 4, (3, 3), (1, 1)),  # OW 16
+    ((7, 7), 3, (3, 3), (1, 1)),  # OW 7: prime
     ((16, 16), 2, (1, 1), (2, 2)),  # OW 8
 ])
 def test_candidates_divide_and_fit_the_accumulators(in_hw, out_blocks, kernel, stride):

@@ -1,13 +1,13 @@
 """int16 x int16 -> int32 conv2d for x86 with AVX2 (vpmaddwd), the fallback for CPUs without AVX-512 VNNI.
 
 Exact form. The graph's conv is acc = sum((x - zp) * w) + bias with zero padding of (x - zp). The kernel
-computes exactly that: the Relax glue forms d = x - zp in int16 (|d| <= 255 for the zero points `supports`
-accepts) and pads it with zeros, the weights are widened to int16 once (parameter-only work), and
-vpmaddwd multiplies int16 pairs and adds each pair into one int32 lane: |d0 * w0 + d1 * w1| <=
-2 * 255 * 128 < 2^31, and the int32 accumulation is exact under the bound of `x86_conv.supports`, which
-applies unchanged. No vpmaddubsw: its u8 x s8 pair sums saturate int16 (2 * 255 * 127 > 2^15).
+computes exactly that: it forms d = x - zp in int16 (|d| <= 255 for the zero points `supports` accepts)
+and pads it with zeros itself (`x86_conv.padded_input`), the weights are widened to int16 once
+(parameter-only work), and vpmaddwd multiplies int16 pairs and adds each pair into one int32 lane:
+|d0 * w0 + d1 * w1| <= 2 * 255 * 128 < 2^31, and the int32 accumulation is exact under the bound of
+`x86_conv.supports`, which applies unchanged. No vpmaddubsw: its u8 x s8 pair sums saturate int16 (2 * 255 * 127 > 2^15).
 
-Layout. The kernel reads d as NHWC int16 with Cin padded to a multiple of 4 and the weight as
+Layout. The kernel reads x as NHWC uint8 or int8 (Cin padded to a multiple of 4) and the weight as
 [O/8, kh, kw, Cin/4, 2, 8, 2] int16 (O padded to a multiple of 8 with zero filters): for 4 input channels
 k0..k3, half 0 holds (w[o, k0], w[o, k1]) for the 8 output lanes o and half 1 holds (w[o, k2], w[o, k3]),
 the pair order vpmaddwd wants. It writes [n, OH, OW, O8] (NHWC).
@@ -98,21 +98,26 @@ def register_tile(ow: int, out_blocks: int) -> tuple[int, int]:
     return x86_conv.register_tile(ow, out_blocks, MAX_ACC)
 
 
-def conv2d_nhwc_s16(batch: tirx.Var, in_hw: tuple[int, int], cin: int, out_blocks: int, kernel: tuple[int, int],
-                    stride: tuple[int, int], dilation: tuple[int, int], epilogue: Epilogue | None = None,
-                    tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """The scheduled kernel: d int16 [batch, H, W, cin] (already padded; cin % 4 == 0),
-    w int16 [out_blocks, kh, kw, cin / 4, 2, 8, 2] -> int32 [batch, OH, OW, out_blocks * 8] (NHWC).
+def conv2d_nhwc_s16(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str,
+                    out_blocks: int, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                    epilogue: Epilogue | None = None, tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`in_dtype`, unpadded), zero_point int32 [1],
+    w int16 [out_blocks, kh, kw, cin4 / 4, 2, 8, 2] -> int32 [batch, OH, OW, out_blocks * 8] (NHWC). The
+    kernel forms d = x - zero_point in int16 and pads it with zeros itself.
 
     With an `epilogue`, the extra inputs and the requantized output of `x86_conv.requantize_epilogue`."""
     register_intrinsics()
-    (h, w), (kh, kw), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
-    oh, ow = out_hw(in_hw, kernel, stride, dilation)
-    x = te.placeholder((batch, h, w, cin), "int16", name="x")
-    wt = te.placeholder((out_blocks, kh, kw, cin // 4, 2, LANES, 2), "int16", name="w")
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    inputs, x = x86_conv.padded_input(batch, in_hw, padding, cin, in_dtype, "int16",
+                                      lambda v, zp: v.astype("int16") - zp.astype("int16"),
+                                      lambda zp: tirx.const(0, "int16"))
+    h, w = x.shape[1:3]
+    oh, ow = out_hw((int(h), int(w)), kernel, stride, dilation)
+    cb = int(x.shape[3]) // 4
+    wt = te.placeholder((out_blocks, kh, kw, cb, 2, LANES, 2), "int16", name="w")
     r = te.reduce_axis((0, kh), "r")
     s = te.reduce_axis((0, kw), "s")
-    rc = te.reduce_axis((0, cin // 4), "rc")
+    rc = te.reduce_axis((0, cb), "rc")
     rh = te.reduce_axis((0, 2), "rh")
     rk = te.reduce_axis((0, 2), "rk")
     conv = te.compute(
@@ -121,30 +126,24 @@ def conv2d_nhwc_s16(batch: tirx.Var, in_hw: tuple[int, int], cin: int, out_block
             x[n, y * sh + r * dh, z * sw + s * dw, rc * 4 + rh * 2 + rk].astype("int32")
             * wt[ob, r, s, rc, rh, oi, rk].astype("int32"), axis=[r, s, rc, rh, rk]),
         name="conv")
-    func = x86_conv.kernel_func([x, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_s16_avx2")
+    func = x86_conv.kernel_func([*inputs, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_s16_avx2")
     return x86_conv.schedule(func, DOT_8X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None)
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel ---------------------------------------
 def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
-    """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x - zp in int16,
-    zero-padded; the packed int16 weight; the bias padded to O8 channels; the shapes. None if the kernel
+    """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and its zero point;
+    the packed int16 weight; the bias padded to O8 channels; the shapes. None if the kernel
     cannot run it exactly."""
     k = x86_conv.geometry(b, node, LANES)
     if k is None:
         return None
-    zp = int(node.attrs["input_zero_point"])
-    (ph, pw) = k.padding
-    d = R.astype(x, "int16")
-    d = R.subtract(d, relax.const(np.int16(zp), "int16")) if zp else d  # |x - zp| <= 255 (`supports`)
-    d = b.emit(R.nn.pad(d, [0, 0, ph, ph, pw, pw, 0, k.cin4 - k.cin], "constant", 0.0))
-
     weight = R.astype(b.param(node, "weight"), "int16")  # int4 weights: unpacked once here
     wp = R.nn.pad(weight, [0, k.o_pad - k.o, 0, k.cin4 - k.cin, 0, 0, 0, 0], "constant", 0.0)
     # [O8/8, 8 (oi), Cin4/4, 2 (half), 2 (pair), kh, kw] -> [O8/8, kh, kw, Cin4/4, half, oi, pair]
     wp = R.reshape(wp, [k.o_pad // LANES, LANES, k.cin4 // 4, 2, 2, k.kh, k.kw])
     wp = b.emit(R.permute_dims(wp, [0, 5, 6, 2, 3, 1, 4]))
-    return k.kernel_inputs(b, d, wp, b.param(node, "bias"), LANES)
+    return k.kernel_inputs(b, x, int(node.attrs["input_zero_point"]), wp, b.param(node, "bias"), LANES)
 
 
 FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2", MAX_ACC)

@@ -3,12 +3,16 @@
 
 A kernel family (one module) supplies the conv compute, whose block is named "conv" and has the loops
 (n, y, z, out_block, lane, r, s, rc, *inner reduction), a tensor intrinsic that computes `lanes` output
-channels x 4 input channels of one output pixel, and `prepare(b, node, x)`: the kernel's padded input,
-packed weight and bias as Relax values. This module gives it the rest:
+channels x 4 input channels of one output pixel, and `prepare(b, node, x)`: the kernel's input and zero
+point, packed weight and bias as Relax values. This module gives it the rest:
 
+- `padded_input`: the kernel reads the unpadded activation and forms the padded (and, per family, converted)
+  input rows itself, so no conv needs a separate pad kernel or a padded copy of its input in memory;
 - `requantize_epilogue`: the graph's requantize as the kernel's epilogue (`Epilogue`), so one kernel per
   conv writes the 8-bit activation and the int32 accumulator never reaches memory;
-- `schedule`: batch x output row parallel, output column tiles, then the reduction, then the register tile
+- `schedule`: parallel over batch x blocks of up to `ROWS_PER_TASK` output rows (each block first computes the
+  padded input rows it reads: (rows + kh - 1) / rows times the input instead of kh times for one row per
+  task), output column tiles, then the reduction, then the register tile
   of columns x channel blocks (unrolled; at most `max_acc` vector accumulators, held in a "local" buffer
   that LLVM keeps in registers), then the tensorized dot; after the reduction, the tile's store or epilogue;
 - `emit_conv2d` / `emit_conv2d_requantize`: the Relax glue, for `lower.tvm_build`'s schedule-set interface.
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the scheduled kernel alone
 MAX_EXACT = 2**31 - 1
+ROWS_PER_TASK = 8  # output rows per parallel task: the padded input rows they read are computed once per task
 
 
 def out_hw(in_hw, kernel, stride, dilation) -> tuple[int, int]:
@@ -117,6 +122,31 @@ def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, l
     return te.compute((batch, oh, ow, c), requantize, name="requantize"), [bias, mult, offset, shift, *res]
 
 
+def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str, dtype: str,
+                 value: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr] | None,
+                 fill: Callable[[tirx.PrimExpr], tirx.PrimExpr]) -> tuple[list[te.Tensor], te.Tensor]:
+    """The kernel's inputs x [batch, H, W, cin] `in_dtype` (cin % 4 == 0) and zero_point int32 [1], and what the
+    conv reads: [batch, H + 2 ph, W + 2 pw, cin] `dtype` holding value(x, zero_point) (x itself for None)
+    inside and fill(zero_point) in the spatial padding. The padding is a stage of the kernel: `schedule`
+    computes the rows each output row reads inside its parallel loop, so there is no separate pad kernel
+    and no padded copy of the activation in memory. Where nothing needs padding or converting, the conv
+    reads x itself."""
+    (h, w), (ph, pw) = in_hw, padding
+    x = te.placeholder((batch, h, w, cin), in_dtype, name="x")
+    zp = te.placeholder((1,), "int32", name="zero_point")
+    if (ph, pw) == (0, 0) and value is None:
+        return [x, zp], x
+
+    def stage(n, i, j, c):
+        v = x[n, i - ph, j - pw, c]
+        v = v if value is None else value(v, zp[0])
+        if (ph, pw) == (0, 0):
+            return v
+        return tirx.if_then_else(tirx.all(i >= ph, i < h + ph, j >= pw, j < w + pw), v, fill(zp[0]))
+
+    return [x, zp], te.compute((batch, h + 2 * ph, w + 2 * pw, cin), stage, name="pad")
+
+
 def kernel_func(args: list[te.Tensor], conv: te.Tensor, batch, oh: int, ow: int, lanes: int,
                 epilogue: Epilogue | None, name: str) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: conv's inputs `args`, then either the int32 store or the epilogue."""
@@ -139,8 +169,15 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     zt, obt = tile
     zo, zi = sch.split(z, [None, zt])
     obo, obi = sch.split(ob, [None, obt])
-    sch.reorder(n, y, zo, obo, r_, s_, rc_, zi, obi, oi, *inner)
-    sch.parallel(sch.fuse(n, y))
+    oh = int(sch.get(y).extent)
+    yo, yi = sch.split(y, [None, max(d for d in range(1, min(oh, ROWS_PER_TASK) + 1) if not oh % d)])
+    sch.reorder(n, yo, yi, zo, obo, r_, s_, rc_, zi, obi, oi, *inner)
+    rows = sch.fuse(n, yo)
+    sch.parallel(rows)
+    if any(sch.get(blk).name_hint == "pad" for blk in sch.get_child_blocks(sch.get_sblock("root"))):
+        pad = sch.get_sblock("pad")  # the input rows this output row reads, padded, per iteration
+        sch.compute_at(pad, rows)
+        sch.vectorize(sch.get_loops(pad)[-1])
     # Accumulate the register tile in a "local" buffer consumed once per tile (by the write-back or the
     # epilogue): with every index constant after unrolling, LLVM keeps it in vector registers instead of
     # loading and storing the output at every reduction step.
@@ -188,15 +225,17 @@ class KernelRequest:
     @property
     def tile_extents(self) -> tuple[int, int]:
         """(OW, out_blocks): the extents the register tile divides."""
-        in_hw, _, out_blocks, kernel, stride, dilation = self.args
-        return out_hw(in_hw, kernel, stride, dilation)[1], out_blocks
+        in_hw, padding, _, _, out_blocks, kernel, stride, dilation = self.args
+        padded = tuple(i + 2 * p for i, p in zip(in_hw, padding))
+        return out_hw(padded, kernel, stride, dilation)[1], out_blocks
 
 
 def kernel_key(f: Family, args: tuple, epilogue: Epilogue | None) -> str:
-    """A stable name of a kernel: family, builder args without the batch (padded in_hw, cin, out_blocks,
+    """A stable name of a kernel: family, builder args without the batch (in_hw, padding, cin, in_dtype, out_blocks,
     kernel, stride, dilation) and epilogue, as compact JSON."""
-    names = ("in_hw", "cin", "out_blocks", "kernel", "stride", "dilation")
-    spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else int(v) for k, v in zip(names, args)},
+    names = ("in_hw", "padding", "cin", "in_dtype", "out_blocks", "kernel", "stride", "dilation")
+    spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else v if isinstance(v, str) else int(v)
+                                   for k, v in zip(names, args)},
             "epilogue": None if epilogue is None else asdict(epilogue)}
     return json.dumps(spec, separators=(",", ":"), default=list)
 
@@ -212,7 +251,8 @@ def check_tile(f: Family, ow: int, out_blocks: int, tile: tuple[int, int]) -> tu
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """What every family's `prepare` needs of a conv2d node: its sizes, with Cin padded to 4 and O to `lanes`."""
+    """What every family's `prepare` needs of a conv2d node: its sizes and input dtype, with Cin padded to 4
+    and O to `lanes`."""
 
     o: int
     cin: int
@@ -222,6 +262,7 @@ class ConvGeometry:
     stride: tuple[int, int]
     dilation: tuple[int, int]
     in_hw: tuple[int, int]
+    in_dtype: str
     cin4: int
     o_pad: int
 
@@ -229,11 +270,16 @@ class ConvGeometry:
     def padded_hw(self) -> tuple[int, int]:
         return self.in_hw[0] + 2 * self.padding[0], self.in_hw[1] + 2 * self.padding[1]
 
-    def kernel_inputs(self, b: "GraphBuilder", u: relax.Expr, wp: relax.Expr, bias: relax.Expr, lanes: int) -> dict:
-        """The dict `Family.prepare` returns: bias padded to O_pad channels, the kernel builder's arguments."""
-        return dict(u=u, wp=wp, bias=b.emit(R.nn.pad(bias, [0, self.o_pad - self.o], "constant", 0.0)), o=self.o,
-                    o_pad=self.o_pad, args=(b.batch, self.padded_hw, self.cin4, self.o_pad // lanes,
-                                            (self.kh, self.kw), self.stride, self.dilation),
+    def kernel_inputs(self, b: "GraphBuilder", x: relax.Expr, zero_point: int, wp: relax.Expr, bias: relax.Expr,
+                      lanes: int) -> dict:
+        """The dict `Family.prepare` returns: the kernel's x and zero_point inputs, the packed weight, the bias
+        padded to O_pad channels, the kernel builder's arguments."""
+        if self.cin4 != self.cin:  # the padded channels meet zero filters: any value will do
+            x = b.emit(R.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, self.cin4 - self.cin], "constant", 0.0))
+        return dict(x=x, zp=relax.const(np.array([zero_point], np.int32), "int32"), wp=wp,
+                    bias=b.emit(R.nn.pad(bias, [0, self.o_pad - self.o], "constant", 0.0)), o=self.o,
+                    o_pad=self.o_pad, args=(b.batch, self.in_hw, self.padding, self.cin4, self.in_dtype,
+                                            self.o_pad // lanes, (self.kh, self.kw), self.stride, self.dilation),
                     out_hw=out_hw(self.padded_hw, (self.kh, self.kw), self.stride, self.dilation))
 
 
@@ -245,8 +291,8 @@ def geometry(b: "GraphBuilder", node: Node, lanes: int) -> ConvGeometry | None:
     a = node.attrs
     o, cin, kh, kw = (int(d) for d in np.shape(node.params["weight"]))
     _, h, w = in_info.shape
-    return ConvGeometry(o, cin, kh, kw, tuple(a["padding"]), tuple(a["stride"]), tuple(a["dilation"]), (h, w),
-                        -(-cin // 4) * 4, -(-o // lanes) * lanes)
+    return ConvGeometry(o, cin, kh, kw, tuple(int(p) for p in a["padding"]), tuple(a["stride"]),
+                        tuple(a["dilation"]), (h, w), in_info.dtype, -(-cin // 4) * 4, -(-o // lanes) * lanes)
 
 
 def _kernel(b: "GraphBuilder", f: Family, node: Node, k: dict, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
@@ -278,7 +324,7 @@ def emit_conv2d(f: Family, b: "GraphBuilder", node: Node, x: relax.Expr) -> rela
     k = f.prepare(b, node, x)
     if k is None:
         return None
-    acc = _call(b, f, node, _kernel(b, f, node, k), [k["u"], k["wp"]], "int32", k)
+    acc = _call(b, f, node, _kernel(b, f, node, k), [k["x"], k["zp"], k["wp"]], "int32", k)
     return R.add(acc, b.per_channel(R.strided_slice(k["bias"], [0], [0], [k["o"]]), 4))
 
 
@@ -324,6 +370,6 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype)
     func = _kernel(b, f, conv, k, epilogue)
-    args = [k["u"], k["wp"], k["bias"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
+    args = [k["x"], k["zp"], k["wp"], k["bias"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
             *(terms[i] for i in residuals)]
     return _call(b, f, conv, func, args, dtype, k)

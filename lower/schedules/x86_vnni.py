@@ -7,11 +7,11 @@ where sum(w) runs over the whole filter of each output channel (padding position
 cancel exactly). vpdpbusd multiplies u8 by s8 and adds groups of four products into int32 lanes without
 saturation; the kernel is exact while 255 * max|w| * Cin * kh * kw < 2^31 (checked by `supports`).
 
-Layout. The kernel reads the padded input as NHWC uint8 with Cin padded to a multiple of 4 (the builder
-keeps activations NHWC, so this is a pad, no transpose) and the weight as [O/16, kh, kw, Cin/4, 16, 4]
-int8 (O padded to a multiple of 16 with zero filters); it writes [n, OH, OW, O16] (NHWC). The Relax glue
-around it (padding, weight packing, the zp_u * sum(w) correction folded into the bias) is plain Relax;
-the parameter-only part of it moves to main_transform_params.
+Layout. The kernel reads the unpadded activation as NHWC uint8 or int8 (Cin padded to a multiple of 4, in
+Relax, only where Cin % 4 != 0: the first conv) and forms u, padded with zp_u, row block by row block inside
+itself (`x86_conv.padded_input`); the weight is [O/16, kh, kw, Cin/4, 16, 4] int8 (O padded to a multiple
+of 16 with zero filters); it writes [n, OH, OW, O16] (NHWC). The Relax glue around it (weight packing, the
+zp_u * sum(w) correction folded into the bias) is parameter-only and moves to main_transform_params.
 
 Schedule and fusion: `lower.schedules.x86_conv` (shared with the AVX2 set), with 16-channel blocks. One
 vpdpbusd computes 16 output channels x 4 input channels for one output pixel (the `DOT_16X4` intrinsic
@@ -94,17 +94,22 @@ def register_tile(ow: int, out_blocks: int) -> tuple[int, int]:
     return x86_conv.register_tile(ow, out_blocks, MAX_ACC)
 
 
-def conv2d_nhwc_u8s8(batch: tirx.Var, in_hw: tuple[int, int], cin: int, out_blocks: int, kernel: tuple[int, int],
-                     stride: tuple[int, int], dilation: tuple[int, int], epilogue: Epilogue | None = None,
-                     tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """The scheduled kernel: x uint8 [batch, H, W, cin] (already padded; cin % 4 == 0),
-    w int8 [out_blocks, kh, kw, cin / 4, 16, 4] -> int32 [batch, OH, OW, out_blocks * 16] (NHWC); with an
-    `epilogue`, the extra inputs and the requantized output of `x86_conv.requantize_epilogue`."""
+def conv2d_nhwc_u8s8(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str,
+                     out_blocks: int, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+                     epilogue: Epilogue | None = None, tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`in_dtype`, unpadded), zero_point int32 [1]
+    (zp_u: the input zero point, + 128 for int8 inputs), w int8 [out_blocks, kh, kw, cin4 / 4, 16, 4] ->
+    int32 [batch, OH, OW, out_blocks * 16] (NHWC); with an `epilogue`, the extra inputs and the requantized
+    output of `x86_conv.requantize_epilogue`. The kernel pads u (x + 128 for int8) with zp_u itself."""
     register_intrinsics()
-    (h, w), (kh, kw), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
-    oh, ow = out_hw(in_hw, kernel, stride, dilation)
-    cb = cin // 4
-    x = te.placeholder((batch, h, w, cin), "uint8", name="x")
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    to_u8 = None if in_dtype == "uint8" else (  # the bit pattern with its sign bit flipped
+        lambda v, zp: (v.astype("int16") + tirx.const(128, "int16")).astype("uint8"))
+    inputs, x = x86_conv.padded_input(batch, in_hw, padding, cin, in_dtype, "uint8", to_u8,
+                                      lambda zp: zp.astype("uint8"))
+    h, w = x.shape[1:3]
+    oh, ow = out_hw((int(h), int(w)), kernel, stride, dilation)
+    cb = int(x.shape[3]) // 4
     wt = te.placeholder((out_blocks, kh, kw, cb, LANES, 4), "int8", name="w")
     r = te.reduce_axis((0, kh), "r")
     s = te.reduce_axis((0, kw), "s")
@@ -116,24 +121,19 @@ def conv2d_nhwc_u8s8(batch: tirx.Var, in_hw: tuple[int, int], cin: int, out_bloc
             x[n, y * sh + r * dh, z * sw + s * dw, rc * 4 + ri].astype("int32")
             * wt[ob, r, s, rc, oi, ri].astype("int32"), axis=[r, s, rc, ri]),
         name="conv")
-    func = x86_conv.kernel_func([x, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_u8s8")
+    func = x86_conv.kernel_func([*inputs, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_u8s8")
     return x86_conv.schedule(func, DOT_16X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None)
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel + bias correction -------------------
 def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
-    """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): the padded uint8
-    input, the packed weight, bias - zp_u * sum(w) padded to O16 channels, and the shapes; None if the
+    """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and zp_u, the packed
+    weight, bias - zp_u * sum(w) padded to O16 channels, and the shapes; None if the
     kernel cannot run it exactly."""
     k = x86_conv.geometry(b, node, LANES)
     if k is None:
         return None
-    input_dtype = b.graph.tensors[node.inputs[0]].dtype
-    zp_u = int(node.attrs["input_zero_point"]) + (128 if input_dtype == "int8" else 0)
-    (ph, pw) = k.padding
-    if input_dtype == "int8":  # u = x + 128 as uint8 (the bit pattern with its sign bit flipped)
-        x = R.astype(R.add(R.astype(x, "int16"), relax.const(np.int16(128), "int16")), "uint8")
-    u = b.emit(R.nn.pad(x, [0, 0, ph, ph, pw, pw, 0, k.cin4 - k.cin], "constant", float(zp_u)))
+    zp_u = int(node.attrs["input_zero_point"]) + (128 if k.in_dtype == "int8" else 0)
 
     weight = b.emit(b.param(node, "weight"))  # [O, Cin, kh, kw] int8 (int4 weights: unpacked once here)
     wp = R.nn.pad(weight, [0, k.o_pad - k.o, 0, k.cin4 - k.cin, 0, 0, 0, 0], "constant", 0.0)
@@ -142,7 +142,7 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
     # bias - zp_u * sum(w): in int32 without overflow (`supports`)
     wsum = R.sum(R.astype(weight, "int32"), axis=[1, 2, 3])
     bias = R.subtract(b.param(node, "bias"), R.multiply(wsum, relax.const(np.int32(zp_u), "int32")))
-    return k.kernel_inputs(b, u, wp, bias, LANES)
+    return k.kernel_inputs(b, x, zp_u, wp, bias, LANES)
 
 
 FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni", MAX_ACC)
