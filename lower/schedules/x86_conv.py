@@ -20,14 +20,15 @@ point, packed weight and bias as Relax values. This module gives it the rest:
   and the builder's `kernels` (when not None) records every kernel it asks for.
 
 Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
-in int64 (`lower.reference`). The kernel computes it as ((sum_i t_i * M_i + offset') >> n) + zp_out with
-offset' = offset + 2^(n-1) - sum_i zp_i * M_i folded per channel into one int64 constant by the Relax glue
-(parameter-only work, done once). Both sides are the same integer: int64 addition and multiplication are
-exact modulo 2^64 and the final sum is in range (`lower.integerize.joint_dyadic` bounds it), so the order of
-the terms cannot change the result. Every t_i is a 32-bit value (the int32 accumulator plus bias, or an
-8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as int32: LLVM multiplies the conv term
-with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 multiply (it keeps vpmullq for the 8-bit
-residual terms).
+in int64 (`lower.reference`). The conv term is t_0 = a + b, the kernel's
+int32 dot product a plus its (corrected) bias b. The kernel computes ((a * M_0 + sum_{i>0} t_i * M_i +
+offset') >> n) + zp_out with offset' = offset + 2^(n-1) - sum_i zp_i * M_i + b * M_0 folded per channel into
+one int64 constant by the Relax glue (parameter-only work, done once). Both sides are the same integer: int64
+addition and multiplication are exact modulo 2^64 and the final sum is in range
+(`lower.integerize.joint_dyadic` bounds it), so the order of the terms cannot change the result. Every
+multiplied value is 32 bits wide (a, or an 8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as
+int32, so LLVM multiplies with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 vpmullq. (With the bias
+added to a in the kernel, LLVM widened a and b separately, lost the 32-bit bound and used vpmullq.)
 """
 from __future__ import annotations
 
@@ -101,25 +102,24 @@ class Epilogue:
 
 def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, lanes: int
                         ) -> tuple[te.Tensor, list[te.Tensor]]:
-    """The requantized output of conv [batch, OH, OW, C / lanes, lanes] and its extra inputs: bias int32 [C],
-    multiplier int32 [1 + R, C] (the conv term's row first), offset int64 [C] (offset' of the module
-    docstring), shift int64 [C] and the R residuals."""
+    """The requantized output of conv [batch, OH, OW, C / lanes, lanes] and its extra inputs: multiplier int32
+    [1 + R, C] (the conv term's row first), offset int64 [C] (offset' of the module docstring, the bias
+    included), shift int64 [C] and the R residuals."""
     c = conv.shape[3] * lanes
-    bias = te.placeholder((c,), "int32", name="bias")
     mult = te.placeholder((1 + len(e.residual_dtypes), c), "int32", name="multiplier")
     offset = te.placeholder((c,), "int64", name="offset")
     shift = te.placeholder((c,), "int64", name="shift")
     res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
 
     def requantize(n, y, z, ch):
-        acc = conv[n, y, z, ch // lanes, ch % lanes] + bias[ch]
+        acc = conv[n, y, z, ch // lanes, ch % lanes]
         total = acc.astype("int64") * mult[0, ch].astype("int64") + offset[ch]
         for i, rt in enumerate(res):
             total = total + rt[n, y, z, ch].astype("int64") * mult[1 + i, ch].astype("int64")
         q = (total >> shift[ch]) + tirx.const(e.output_zero_point, "int64")
         return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
-    return te.compute((batch, oh, ow, c), requantize, name="requantize"), [bias, mult, offset, shift, *res]
+    return te.compute((batch, oh, ow, c), requantize, name="requantize"), [mult, offset, shift, *res]
 
 
 def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str, dtype: str,
@@ -366,10 +366,11 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     rounding = R.where(R.greater(shift, zero), R.left_shift(one, R.maximum(R.subtract(shift, one), zero)), zero)
     offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
                         R.sum(R.multiply(mult, zps), axis=[0]))
+    offset = R.add(offset, R.multiply(R.astype(k["bias"], "int64"), R.squeeze(R.strided_slice(mult, [0], [0], [1]), [0])))
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype)
     func = _kernel(b, f, conv, k, epilogue)
-    args = [k["x"], k["zp"], k["wp"], k["bias"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
+    args = [k["x"], k["zp"], k["wp"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
             *(terms[i] for i in residuals)]
     return _call(b, f, conv, func, args, dtype, k)
