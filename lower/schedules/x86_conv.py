@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the scheduled kernel alone
 MAX_EXACT = 2**31 - 1
-ROWS_PER_TASK = 8  # output rows per parallel task: the padded input rows they read are computed once per task
+# Output rows per parallel task: the padded input rows they read are formed once per task. A map of at most 8
+# rows is one task per image (ResNet20's 8x8 layer3; small batches run on one thread anyway, `PARALLEL_MIN_MACS`).
+ROWS_PER_TASK = 8
 
 
 def out_hw(in_hw, kernel, stride, dilation) -> tuple[int, int]:
