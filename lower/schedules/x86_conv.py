@@ -177,7 +177,7 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     rows = sch.fuse(n, yo)
     sch.parallel(rows)
     if any(sch.get(blk).name_hint == "pad" for blk in sch.get_child_blocks(sch.get_sblock("root"))):
-        pad = sch.get_sblock("pad")  # the input rows this output row reads, padded, per iteration
+        pad = sch.get_sblock("pad")  # the padded input rows the task's output rows read, once per task
         sch.compute_at(pad, rows)
         sch.vectorize(sch.get_loops(pad)[-1])
     # Accumulate the register tile in a "local" buffer consumed once per tile (by the write-back or the
