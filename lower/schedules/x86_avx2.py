@@ -5,7 +5,8 @@ computes exactly that: it forms d = x - zp in int16 (|d| <= 255 for the zero poi
 and pads it with zeros itself (`x86_conv.padded_input`), the weights are widened to int16 once
 (parameter-only work), and vpmaddwd multiplies int16 pairs and adds each pair into one int32 lane:
 |d0 * w0 + d1 * w1| <= 2 * 255 * 128 < 2^31, and the int32 accumulation is exact under the bound of
-`x86_conv.supports`, which applies unchanged. No vpmaddubsw: its u8 x s8 pair sums saturate int16 (2 * 255 * 127 > 2^15).
+`x86_conv.supports`, which applies unchanged. No vpmaddubsw: its u8 x s8 pair sums saturate int16
+(2 * 255 * 127 > 2^15).
 
 Layout. The kernel reads x as NHWC uint8 or int8 (Cin padded to a multiple of 4) and the weight as
 [O/8, kh, kw, Cin/4, 2, 8, 2] int16 (O padded to a multiple of 8 with zero filters): for 4 input channels

@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the scheduled kernel alone
 MAX_EXACT = 2**31 - 1
-# Output rows per parallel task: the padded input rows they read are formed once per task. A map of at most 8
-# rows is one task per image (ResNet20's 8x8 layer3; small batches run on one thread anyway, `PARALLEL_MIN_MACS`).
+# Output rows per parallel task: the padded input rows they read are formed once per task. A map of at most
+# 8 rows is one task per image (ResNet20's 8x8 layer3; small batches run on one thread anyway,
+# `lower.tvm_build.PARALLEL_MIN_MACS`).
 ROWS_PER_TASK = 8
 
 
@@ -130,7 +131,7 @@ def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: i
     """The kernel's inputs x [batch, H, W, cin] `in_dtype` (cin % 4 == 0) and zero_point int32 [1], and what the
     conv reads: [batch, H + 2 ph, W + 2 pw, cin] `dtype` holding value(x, zero_point) (x itself for None)
     inside and fill(zero_point) in the spatial padding. The padding is a stage of the kernel: `schedule`
-    computes the rows each output row reads inside its parallel loop, so there is no separate pad kernel
+    computes the rows each parallel task reads at the start of the task, so there is no separate pad kernel
     and no padded copy of the activation in memory. Where nothing needs padding or converting, the conv
     reads x itself."""
     (h, w), (ph, pw) = in_hw, padding
@@ -233,8 +234,8 @@ class KernelRequest:
 
 
 def kernel_key(f: Family, args: tuple, epilogue: Epilogue | None) -> str:
-    """A stable name of a kernel: family, builder args without the batch (in_hw, padding, cin, in_dtype, out_blocks,
-    kernel, stride, dilation) and epilogue, as compact JSON."""
+    """A stable name of a kernel: family, builder args without the batch (in_hw, padding, cin, in_dtype,
+    out_blocks, kernel, stride, dilation) and epilogue, as compact JSON."""
     names = ("in_hw", "padding", "cin", "in_dtype", "out_blocks", "kernel", "stride", "dilation")
     spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else v if isinstance(v, str) else int(v)
                                    for k, v in zip(names, args)},
@@ -368,7 +369,8 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     rounding = R.where(R.greater(shift, zero), R.left_shift(one, R.maximum(R.subtract(shift, one), zero)), zero)
     offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
                         R.sum(R.multiply(mult, zps), axis=[0]))
-    offset = R.add(offset, R.multiply(R.astype(k["bias"], "int64"), R.squeeze(R.strided_slice(mult, [0], [0], [1]), [0])))
+    m0 = R.squeeze(R.strided_slice(mult, [0], [0], [1]), [0])  # the conv term's multiplier
+    offset = R.add(offset, R.multiply(R.astype(k["bias"], "int64"), m0))  # + b * M_0 (module docstring)
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype)
