@@ -13,7 +13,7 @@ computation, so every tile gives the same integers; without a tuning file every 
 Kernels are keyed by `x86_conv.kernel_key` (family, input size, padding, channels, input dtype, kernel, stride,
 dilation, epilogue), so a tuning.json from one artifact applies to any graph with the same kernels (`--tuning FILE`).
 The result (JSON, `VERSION`):
-    {"version": 1, "target": ..., "batch": 8, "budget_s": ..., "seconds": ..., "rounds": ...,
+    {"version": 2, "target": ..., "batch": 8, "budget_s": ..., "seconds": ..., "rounds": ...,
      "kernels": {key: {"tile": [zt, obt], "default": [zt, obt], "status": "tuned" | "from file" | "default",
                        "ms": {"zt,obt": ms, ...}, "nodes": [...]}}}
 "default" means not measured: no --tune, or the time budget ran out first (kernels are tuned in order of
@@ -35,7 +35,7 @@ from train.errors import DFQFError
 from .graph import IntGraph
 from .schedules.x86_conv import KernelRequest, check_tile, out_hw, register_tile, tiles_by_preference
 
-VERSION = 1
+VERSION = 2  # 2: kernel keys name the unpadded input, its padding and dtype (the kernels pad their input)
 BATCH = 8  # the batch the kernels are timed at
 MAX_CANDIDATES = 6
 MAX_ROUNDS = 5  # passes over all candidates while the budget lasts

@@ -118,9 +118,9 @@ def test_given_tuning_file_is_applied_and_stays_exact(tuned, tmp_path: Path):
 def test_bad_tuning_file(tmp_path: Path):
     with pytest.raises(DFQFError, match="not found"):
         tuner.load_tuning(tmp_path / "missing.json")
-    (tmp_path / "v2.json").write_text(json.dumps({"version": 2, "kernels": {}}))
-    with pytest.raises(DFQFError, match="not a version-1 tuning.json"):
-        tuner.load_tuning(tmp_path / "v2.json")
+    (tmp_path / "v1.json").write_text(json.dumps({"version": 1, "kernels": {}}))  # keys of padded inputs
+    with pytest.raises(DFQFError, match="not a version-2 tuning.json"):
+        tuner.load_tuning(tmp_path / "v1.json")
 
 
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"version": 99, "kernels": {}})])
