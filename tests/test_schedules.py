@@ -236,7 +236,7 @@ def _padded_conv(d: np.ndarray, w: np.ndarray, padding, stride, dilation, fill: 
 @pytest.mark.parametrize("family", ["vnni", "avx2"])
 @pytest.mark.parametrize("in_dtype,zp,padding,stride,dilation", [
     ("uint8", 200, (1, 1), (1, 1), (1, 1)),  # OH 20: 4 parallel tasks of 5 rows
-    ("int8", -3, (2, 1), (2, 1), (2, 1)),  # OH 9: one task of 9 rows; rows and columns padded differently
+    ("int8", -3, (2, 1), (2, 1), (2, 1)),  # OH 10: 2 tasks of 5 rows; rows and columns padded differently
     ("uint8", 0, (0, 0), (1, 1), (1, 1)),  # no padding: uint8 inputs are read in place by VNNI
 ])
 def test_kernel_pads_its_input_itself(family, in_dtype, zp, padding, stride, dilation):
