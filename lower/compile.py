@@ -74,7 +74,8 @@ def compile_student(student: Path, target: str, out: Path, cuda_arch: str | None
     if tune or given is not None:
         requests = tuner.kernel_requests(graph, chosen)
         if not requests:
-            log(f"tuning: target {target} with schedules {schedules} has no hand-scheduled conv kernels; nothing to tune")
+            log(f"tuning: target {target} with schedules {schedules} has no hand-scheduled conv kernels; "
+                "nothing to tune")
         else:
             known = tuner.matching(given, requests) if given is not None else {}
             if given is not None:

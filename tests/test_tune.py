@@ -2,6 +2,7 @@
 artifact, reusable, and never a change in the integers the model computes."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lower.schedules import x86_vnni
 from lower.schedules.x86_conv import KernelRequest
 from lower.targets import make_target, select_schedules
 from runtime import load
-from train.errors import DFQFError
+from train.errors import DFQFError, positive_float
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -155,3 +156,10 @@ def test_no_budget_keeps_every_default_tile(tuned):
     assert result["rounds"] == 0 and set(result["kernels"]) == set(requests)
     assert all(e["status"] == "default" and e["tile"] == e["default"] and not e["ms"]
                for e in result["kernels"].values())
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "soon"])
+def test_tune_budget_must_be_a_finite_positive_number(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
+        positive_float(text)
+    assert positive_float("2.5") == 2.5

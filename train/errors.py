@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -50,11 +51,11 @@ def _positive(kind: type, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}") from None
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):  # nan and inf too: `--tune inf` would never end
             raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text}")
         return value
 
-    parse.__doc__ = f"argparse type: a {what} > 0."
+    parse.__doc__ = f"argparse type: a finite {what} > 0."
     return parse
 
 
