@@ -51,7 +51,7 @@ def _positive(kind: type, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):  # nan and inf too: `--tune inf` would never end
+        if not (value > 0 and math.isfinite(value)):  # nan and inf too (inf is no budget, and not JSON)
             raise argparse.ArgumentTypeError(f"must be a positive {what}, got {text}")
         return value
 
