@@ -291,9 +291,12 @@ class DFQFRun:
                     disable=not (self.d.main and self.cfg.progress))
 
     # -- stage 1 and alternating G updates ---------------------------------------------------------
+    def sample_generator(self, seed_offset: int = 0) -> torch.Generator:
+        """This step's CPU random stream on this rank (a resumed run draws the same numbers)."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 97 + self.d.rank + seed_offset)
+
     def sample(self, n: int, seed_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 97 + self.d.rank + seed_offset)
-        z, labels = self.generator.sample_inputs(n, generator=g)
+        z, labels = self.generator.sample_inputs(n, generator=self.sample_generator(seed_offset))
         return z.to(self.d.device), labels.to(self.d.device)
 
     def generator_step(self) -> dict[str, float]:
@@ -303,6 +306,8 @@ class DFQFRun:
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.amp and self.d.device.type == "cuda")
         with BNStatsHook(self.teacher) as hook, amp:
             x = self.g_ddp(z, labels if self.cfg.conditional else None)
+            if self.cfg.g_augment:  # the teacher judges a shifted/flipped view: G cannot rely on exact pixels
+                x = flip_and_shift(x, self.sample_generator(seed_offset=2), pad=2)
             t_logits = self.teacher(x)
             s_logits = self.student_logits_for_generator(x) if self.cfg.w_adv > 0 else None
             loss, terms = generator_loss(self.cfg.loss_weights(), t_logits.float(),

@@ -45,6 +45,7 @@ class DFQFConfig:
     w_adv: float = 0.0
     adv_kind: str = "kl"
     w_ce: float = 1.0
+    g_augment: bool = False  # random flip + shift of G's images before the teacher sees them (DeepInversion jitter)
     # stage 2: quantization-aware distillation of the student
     synth_images: int = 6400  # longer option: 25600
     s_epochs: int = 8  # longer option: 20
