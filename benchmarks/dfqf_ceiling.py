@@ -15,20 +15,17 @@ not data-free), metrics.jsonl and config.json; no generator.pt or samples.png.
 """
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from train.artifacts import write_json_atomic
 from train.data import load_split
-from train.dfqf import DFQFRun, setup_distributed
+from train.dfqf import DFQFRun, execute
 from train.dfqf_config import resolve, with_overrides
-from train.errors import DFQFError, cli_main
+from train.errors import CLIParser, DFQFError, cli_main
 from train.generator import from_uint8
 from train.quant.convert import QuantConfig
 from train.student import save_student
@@ -79,7 +76,7 @@ class RealDataRun(DFQFRun):
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dfqf_ceiling", add_help=False)
+    p = CLIParser(prog="python -m benchmarks.dfqf_ceiling", add_help=False)
     p.add_argument("--images", type=int, default=6400)
     p.add_argument("-h", "--help", action="store_true")
     own, rest = p.parse_known_args(argv)
@@ -87,22 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cfg = resolve(rest)
-    if cfg.data_dir is None:
-        raise DFQFError("--data-dir is required: the real training images come from it")
+    if cfg.data_dir is None and not os.environ.get("DFQF_DATA_DIR"):
+        raise DFQFError("no data folder: pass --data-dir (or set DFQF_DATA_DIR); the real images come from it")
     if cfg.schedule != "two-stage":
         raise DFQFError("the real-data ceiling uses the two-stage schedule only")
     if own.images <= 0:
         raise DFQFError(f"--images must be positive, got {own.images}")
-    cfg = with_overrides(cfg, synth_images=own.images)
-    d = setup_distributed(cfg.device)
-    try:
-        report = RealDataRun(cfg, d).run()
-        if report is not None:
-            print(json.dumps(report))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return execute(RealDataRun, with_overrides(cfg, synth_images=own.images))
 
 
 if __name__ == "__main__":

@@ -266,7 +266,8 @@ def test_real_data_ceiling_fine_tunes_on_shuffled_training_images(tmp_path: Path
     reported and saved as not data-free."""
     import numpy as np
 
-    from benchmarks.dfqf_ceiling import RealDataRun, main as ceiling_main
+    from benchmarks.dfqf_ceiling import RealDataRun
+    from benchmarks.dfqf_ceiling import main as ceiling_main
     from train.dfqf import setup_distributed
     from train.dfqf_config import resolve
     from train.generator import from_uint8

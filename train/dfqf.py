@@ -525,18 +525,22 @@ class DFQFRun:
         save_sample_grid(self.out / "samples.png", pixels.cpu(), labels, predicted, names, per_class)
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    cfg = resolve(argv)
+def execute(run_class: type[DFQFRun], cfg: DFQFConfig) -> int:
+    """Run `run_class(cfg)` on this process's device and rank; rank 0 prints the report as one JSON line."""
     d = setup_distributed(cfg.device)
     try:
-        report = DFQFRun(cfg, d).run()
+        report = run_class(cfg, d).run()
         if report is not None:
             print(json.dumps(report))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    return execute(DFQFRun, resolve(argv))
 
 
 if __name__ == "__main__":
