@@ -138,6 +138,14 @@ def test_resume_with_another_config_and_overwrite_are_refused(tmp_path: Path) ->
     assert again.returncode == 2 and "already holds a run" in again.stderr
     other = run_dfqf(*TINY, "--out", str(out), "--resume", "--wbits", "3")
     assert other.returncode == 2 and "differs in wbits" in other.stderr
+    # a run started before a field existed is compared at that field's default
+    saved = json.loads((out / "config.json").read_text())
+    del saved["g_augment"]
+    (out / "config.json").write_text(json.dumps(saved))
+    older = run_dfqf(*TINY, "--out", str(out), "--resume")
+    assert older.returncode == 0, older.stderr[-2000:]
+    other = run_dfqf(*TINY, "--out", str(out), "--resume", "--g-augment", "true")
+    assert other.returncode == 2 and "differs in g_augment" in other.stderr
 
 
 def test_config_file_is_overridden_by_flags(tmp_path: Path) -> None:

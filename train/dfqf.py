@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -99,7 +99,9 @@ def prepare_out(cfg: DFQFConfig, d: Dist) -> Path:
         old = json.loads(saved.read_text())
         theirs = {k: v for k, v in old.items() if k in cfg.result_fields() and k not in LR_FIELDS}
         ours = {k: v for k, v in cfg.result_fields().items() if k not in LR_FIELDS}
-        diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+        # a field added after the run was started is compared at its default (the behaviour of that older code)
+        defaults = {f.name: f.default for f in fields(DFQFConfig)}
+        diff = sorted(k for k in ours if theirs.get(k, defaults[k]) != ours[k])
         if diff:
             raise DFQFError(f"--resume: {out} was run with another config (differs in {', '.join(diff)})")
     elif saved.exists():
