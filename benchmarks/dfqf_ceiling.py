@@ -63,13 +63,9 @@ class RealDataRun(DFQFRun):
             "method": METHOD, "data_free": False, "arch": c.arch, "wbits": c.wbits, "abits": c.abits,
             "first_last_bits": c.first_last_bits, "real_train_images": c.synth_images,
             "student_steps": self.s_total, "wall_seconds": round(self.elapsed(), 1),
-            "threads": torch.get_num_threads(), "seed": c.seed, "split": c.split,
-            "teacher": str(self.weights) if self.weights else None,
-            "fp_top1": round(self.evaluate(self.teacher, None), 2),
-            "fakequant_top1": round(self.evaluate(self.final_student, None), 2),
+            "threads": torch.get_num_threads(), "seed": c.seed,
+            "teacher": str(self.weights) if self.weights else None, **self.accuracy(),
         }
-        if self.ema is not None:
-            report["fakequant_top1_without_ema"] = round(self.evaluate(self.student, None), 2)
         write_json_atomic(report, self.out / "report.json")
         return report
 

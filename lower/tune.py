@@ -33,7 +33,7 @@ import tvm
 from train.errors import DFQFError
 
 from .graph import IntGraph
-from .schedules.x86_conv import KernelRequest, check_tile, out_hw, register_tile, tiles_by_preference
+from .schedules.x86_conv import KernelRequest, check_tile, register_tile, tiles_by_preference
 
 VERSION = 2  # 2: kernel keys name the unpadded input, its padding and dtype (the kernels pad their input)
 BATCH = 8  # the batch the kernels are timed at
@@ -67,8 +67,8 @@ def candidates(r: KernelRequest, cap: int = MAX_CANDIDATES) -> list[tuple[int, i
 
 def macs(r: KernelRequest) -> int:
     """Multiply-accumulates of one image through the kernel, times the nodes that use it."""
-    in_hw, padding, cin, _, out_blocks, kernel, stride, dilation = r.args
-    oh, ow = out_hw(tuple(i + 2 * p for i, p in zip(in_hw, padding)), kernel, stride, dilation)
+    _, _, cin, _, out_blocks, kernel, _, _ = r.args
+    oh, ow = r.output_hw
     return oh * ow * out_blocks * r.family.lanes * cin * kernel[0] * kernel[1] * len(r.nodes)
 
 

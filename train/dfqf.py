@@ -506,13 +506,17 @@ class DFQFRun:
             "threads": torch.get_num_threads(), "student_ema_decay": self.ema.decay if self.ema else None, **meta,
         }
         if self.data_dir is not None and self.info.dataset in ("cifar10", "cifar100"):
-            report["split"] = c.split
-            report["fp_top1"] = round(self.evaluate(self.teacher, None), 2)
-            report["fakequant_top1"] = round(self.evaluate(self.final_student, None), 2)
-            if self.ema is not None:  # the last student itself, to show what the average changes
-                report["fakequant_top1_without_ema"] = round(self.evaluate(self.student, None), 2)
+            report.update(self.accuracy())
         write_json_atomic(report, self.out / "report.json")
         return report
+
+    def accuracy(self) -> dict[str, Any]:
+        """Top-1 on the whole evaluation split: teacher, saved student and (with an EMA) the last raw one."""
+        result = {"split": self.cfg.split, "fp_top1": round(self.evaluate(self.teacher, None), 2),
+                  "fakequant_top1": round(self.evaluate(self.final_student, None), 2)}
+        if self.ema is not None:  # the last student itself, to show what the average changes
+            result["fakequant_top1_without_ema"] = round(self.evaluate(self.student, None), 2)
+        return result
 
     @torch.no_grad()
     def write_samples(self) -> None:

@@ -226,11 +226,15 @@ class KernelRequest:
     nodes: list[str] = field(default_factory=list)
 
     @property
+    def output_hw(self) -> tuple[int, int]:
+        """(OH, OW) of the kernel's output."""
+        in_hw, padding, _, _, _, kernel, stride, dilation = self.args
+        return out_hw(tuple(i + 2 * p for i, p in zip(in_hw, padding)), kernel, stride, dilation)
+
+    @property
     def tile_extents(self) -> tuple[int, int]:
         """(OW, out_blocks): the extents the register tile divides."""
-        in_hw, padding, _, _, out_blocks, kernel, stride, dilation = self.args
-        padded = tuple(i + 2 * p for i, p in zip(in_hw, padding))
-        return out_hw(padded, kernel, stride, dilation)[1], out_blocks
+        return self.output_hw[1], self.args[4]
 
 
 def kernel_key(f: Family, args: tuple, epilogue: Epilogue | None) -> str:
