@@ -39,8 +39,8 @@ def assert_contiguous(records: list[dict]) -> None:
 @pytest.mark.parametrize("schedule", ["two-stage", "alternating"])
 def test_smoke_run_writes_every_output(schedule: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    # the adversarial term is off by default (two-stage); exercise it here
-    r = run_dfqf(*TINY, "--schedule", schedule, "--w-adv", "1", "--out", str(out))
+    # the adversarial term is off by default (two-stage); exercise it here, with a wider generator
+    r = run_dfqf(*TINY, "--schedule", schedule, "--w-adv", "1", "--g-width", "64", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report == json.loads((out / "report.json").read_text())
@@ -51,6 +51,8 @@ def test_smoke_run_writes_every_output(schedule: str, tmp_path: Path) -> None:
     assert config["schedule"] == schedule and config["wbits"] == 4 and config["g_steps"] == 4  # smoke preset
     student, ckpt = load_student(out / "student.pt")
     assert ckpt["method"] == "dfqf" and ckpt["quant_config"]["wbits"] == 4
+    generator = torch.load(out / "generator.pt", weights_only=True)
+    assert generator["base_channels"] == 64 and generator["state_dict"]["body.0.weight"].shape == (64,)
     records = metrics(out)
     assert_contiguous(records)
     if schedule == "two-stage":

@@ -29,7 +29,7 @@ def test_generator_starts_at_4_or_7_and_doubles(size: int, init: int, stages: in
     assert g.init == init
     convs = [m for m in g.body if isinstance(m, nn.Conv2d)]
     assert sum(isinstance(m, nn.Upsample) for m in g.body) == stages and len(convs) == stages + 1
-    assert [c.out_channels for c in convs[:-1]] == [max(256 >> (i + 1), 32) for i in range(stages)]
+    assert [c.out_channels for c in convs[:-1]] == [max(256 >> (i + 1), 64) for i in range(stages)]  # floor: width / 4
 
 
 @pytest.mark.parametrize("size", [30, 8 * 3, 7, 4, 112 * 3])

@@ -203,7 +203,8 @@ class DFQFRun:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.generator = Generator(self.info.num_classes, self.info.input_size, self.info.mean, self.info.std,
-                                   latent_dim=cfg.latent_dim, conditional=cfg.conditional).to(d.device)
+                                   latent_dim=cfg.latent_dim, base_channels=cfg.g_width,
+                                   conditional=cfg.conditional).to(d.device)
         self.student = initial_student(self.teacher, cfg, self.info).to(d.device)
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=cfg.g_lr, betas=(0.5, 0.999))
         self.s_opt = student_optimizer(self.student, cfg)
@@ -489,7 +490,8 @@ class DFQFRun:
         self.metrics.sync()
         atomic_torch_save({"state_dict": self.generator.state_dict(), "num_classes": self.info.num_classes,
                            "image_size": list(self.info.input_size), "mean": list(self.info.mean),
-                           "std": list(self.info.std), "latent_dim": c.latent_dim, "conditional": c.conditional},
+                           "std": list(self.info.std), "latent_dim": c.latent_dim, "base_channels": c.g_width,
+                           "conditional": c.conditional},
                           self.out / "generator.pt")
         meta = {"teacher": str(self.weights) if self.weights else None,
                 "teacher_sha256": sha256_file(self.weights) if self.weights else None,

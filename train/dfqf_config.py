@@ -34,6 +34,7 @@ class DFQFConfig:
     seed: int = 0
     # stage 1: generator
     latent_dim: int = 256
+    g_width: int = 128  # generator base channels (its widest layer)
     conditional: bool = True
     g_steps: int = 300  # longer option: 1000
     g_batch: int = 128
@@ -80,7 +81,7 @@ class DFQFConfig:
         if self.schedule not in SCHEDULES:
             raise DFQFError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("g_steps", "g_batch", "synth_images", "s_epochs", "s_batch", "alt_steps", "alt_s_per_g",
-                     "latent_dim", "checkpoint_every", "eval_every"):
+                     "latent_dim", "g_width", "checkpoint_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise DFQFError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("g_lr", "s_lr", "s_scale_lr", "temperature"):

@@ -1,9 +1,10 @@
 """Generator G: noise (+ class label) → image at the teacher's input size and normalization.
 
 DCGAN-style: a linear layer to a base_channels × init × init map, then [upsample ×2 → conv3x3 → BN →
-LeakyReLU] stages (channels halve, never below 32) up to the teacher's resolution, a conv to RGB and a
-sigmoid, so G's raw output is a valid image in [0, 1] that can be stored as uint8; `forward` applies the
-teacher's normalization. 32×32 starts at 4×4 (3 stages); 224×224 at 7×7 (5 stages).
+LeakyReLU] stages (channels halve, never below max(32, base_channels / 4): 128 → 64 → 32 → 32 for the
+default width at 32×32) up to the teacher's resolution, a conv to RGB and a sigmoid, so G's raw output is
+a valid image in [0, 1] that can be stored as uint8; `forward` applies the teacher's normalization.
+32×32 starts at 4×4 (3 stages); 224×224 at 7×7 (5 stages).
 Every BatchNorm2d has the default eps=1e-5 (the GDFQ family's `BatchNorm2d(C, 0.8)` sets eps=0.8).
 """
 from __future__ import annotations
@@ -37,9 +38,9 @@ class Generator(nn.Module):
         self.project = nn.Linear(latent_dim, base_channels * self.init**2)
         self.base_channels = base_channels
         layers: list[nn.Module] = [nn.BatchNorm2d(base_channels)]
-        c = base_channels
+        c, floor = base_channels, max(base_channels // 4, 32)
         for _ in range((height // self.init).bit_length() - 1):  # log2(H / init) stages
-            nxt = max(c // 2, 32) if c > 32 else c
+            nxt = max(c // 2, floor)
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, nxt, 3, 1, 1, bias=False), nn.BatchNorm2d(nxt),
                        nn.LeakyReLU(0.2)]
             c = nxt
