@@ -15,59 +15,48 @@ not data-free), metrics.jsonl and config.json; no generator.pt or samples.png.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from train.artifacts import write_json_atomic
+from core.cli import CLIParser, cli_main
+from core.errors import DFQFError
 from train.data import load_split
-from train.dfqf import DFQFRun, execute
+from train.dfqf import execute
 from train.dfqf_config import resolve, with_overrides
-from train.errors import CLIParser, DFQFError, cli_main
-from train.generator import from_uint8
-from train.quant.convert import QuantConfig
-from train.student import save_student
+from train.synthetic import Synthetic, teacher_logits
+
+if TYPE_CHECKING:
+    from train.dfqf_job import Job
 
 METHOD = "real-data-kd"
 
 
-class RealDataRun(DFQFRun):
-    """DFQFRun whose 'synthetic' set is a seeded subset of real training images (no generator)."""
+class RealImages:
+    """A `train.synthetic.SyntheticSource` of `synth_images` seeded random rows of the data folder's train
+    split, with the teacher's logits: no generator is trained, and nothing is data-free."""
 
-    def train_generator(self) -> None:
-        self.step = self.cfg.g_steps  # nothing to train: stage 1 is the real subset below
+    method, data_free, trains_generator = METHOD, False, False
+
+    def check(self, job: "Job") -> None:
+        if job.data_dir is None:
+            raise DFQFError("no data folder: pass --data-dir (or set DFQF_DATA_DIR); the real images come from it")
+        n = len(load_split(job.data_dir, job.info.dataset, "train")[1])
+        if job.cfg.synth_images > n:
+            raise DFQFError(f"--images {job.cfg.synth_images} is more than the {n} training images")
 
     @torch.no_grad()
-    def synthesize(self) -> dict[str, torch.Tensor]:
-        x, y = load_split(self.data_dir, self.info.dataset, "train")
-        if self.cfg.synth_images > len(x):
-            raise DFQFError(f"--images {self.cfg.synth_images} is more than the {len(x)} training images")
+    def draw(self, job: "Job") -> Synthetic:
+        x, y = load_split(job.data_dir, job.info.dataset, "train")
         # shuffled, not just a subset: the split is sorted by class and calibration reads the first rows
-        idx = np.random.default_rng(self.cfg.seed).permutation(len(x))[:self.cfg.synth_images]
+        idx = job.seeds.subset().permutation(len(x))[:job.cfg.synth_images]
         images = torch.from_numpy(x[idx])
-        logits = [self.teacher(from_uint8(b, self.info.mean, self.info.std).to(self.d.device)).float().cpu()
-                  for b in images.split(self.cfg.g_batch)]
-        return {"images": images, "labels": torch.from_numpy(y[idx]), "teacher_logits": torch.cat(logits)}
+        return {"images": images, "labels": torch.from_numpy(y[idx]), "teacher_logits": teacher_logits(job, images)}
 
-    def finish(self) -> dict[str, Any]:
-        c = self.cfg
-        self.metrics.sync()
-        save_student(self.out / "student.pt", self.final_student.cpu(), c.arch, self.info.num_classes,
-                     QuantConfig(c.wbits, c.abits, c.first_last_bits), METHOD, False,
-                     {"teacher": str(self.weights) if self.weights else None, "seed": c.seed,
-                      "real_train_images": c.synth_images})
-        self.final_student.to(self.d.device)
-        report: dict[str, Any] = {
-            "method": METHOD, "data_free": False, "arch": c.arch, "wbits": c.wbits, "abits": c.abits,
-            "first_last_bits": c.first_last_bits, "real_train_images": c.synth_images,
-            "student_steps": self.s_total, "wall_seconds": round(self.elapsed(), 1),
-            "threads": torch.get_num_threads(), "seed": c.seed,
-            "teacher": str(self.weights) if self.weights else None, **self.accuracy(),
-        }
-        write_json_atomic(report, self.out / "report.json")
-        return report
+    load = draw  # the same rows again: nothing to cache
+
+    def report(self, job: "Job") -> dict[str, Any]:
+        return {"real_train_images": job.cfg.synth_images}
 
 
 @cli_main
@@ -80,13 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     cfg = resolve(rest)
-    if cfg.data_dir is None and not os.environ.get("DFQF_DATA_DIR"):
-        raise DFQFError("no data folder: pass --data-dir (or set DFQF_DATA_DIR); the real images come from it")
     if cfg.schedule != "two-stage":
         raise DFQFError("the real-data ceiling uses the two-stage schedule only")
     if own.images <= 0:
         raise DFQFError(f"--images must be positive, got {own.images}")
-    return execute(RealDataRun, with_overrides(cfg, synth_images=own.images))
+    return execute(with_overrides(cfg, synth_images=own.images), RealImages())
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.data import resolve_data_dir
+from core.cli import check_fields, cli_main, each, one_of, option, parse_options, str_list
+from core.errors import DFQFError
+from core.paths import resolve_data_dir
 from train.dfqf_config import DFQFConfig, resolve
-from train.errors import CLIParser
 
 from .environment import environment
 
@@ -139,25 +141,30 @@ def write(rows: dict[str, dict], env: dict) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class DFQFTableOptions:
+    rows: list[str] = option(list(ROWS), f"comma-separated subset of {', '.join(ROWS)} (empty: re-render the "
+                             "table from dfqf_table.json)", parse=str_list, check=each(one_of(*ROWS)))
+    runs_dir: Path = option(Path("runs/bench"), "where the rows' runs go")
+    data_dir: Path | None = option(None, "data folder (default $DFQF_DATA_DIR)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = CLIParser(prog="python -m benchmarks.dfqf_table", description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
-    p.add_argument("--runs-dir", default="runs/bench")
-    p.add_argument("--data-dir")
-    args = p.parse_args(argv)
-    names = [n for n in args.rows.split(",") if n]
+    args = parse_options(DFQFTableOptions, argv, "python -m benchmarks.dfqf_table", __doc__.splitlines()[0])
+    names = args.rows
     previous = RESULTS / "dfqf_table.json"
     if not names:  # re-render only: keep the environment of the invocation that ran the rows
         if not previous.exists():
-            p.error(f"--rows is empty and there is no {previous} to render")
+            raise DFQFError(f"--rows is empty and there is no {previous} to render")
         saved = json.loads(previous.read_text())
         print(write(saved["rows"], saved["environment"]))
         return 0
     env = environment("benchmarks.dfqf_table")
     data_dir = resolve_data_dir(args.data_dir)
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        p.error(f"unknown rows {unknown}")
     rows: dict[str, dict] = json.loads(previous.read_text())["rows"] if previous.exists() else {}
     text = ""
     for name in names:

@@ -10,17 +10,20 @@ Writes ptq_table.md and ptq_table.json (with the machine and command) to --out.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from train.data import image_batches, load_split, resolve_data_dir
-from train.errors import CLIParser
+from core.cli import check_fields, cli_main, each, int_list, option, parse_options, positive
+from core.files import write_json_atomic
+from core.paths import resolve_data_dir
+from train.data import image_batches, load_split
 from train.evaluate import evaluate_top1
 from train.models import get_arch, load_teacher
-from train.ptq import METHODS, PTQContext, parser as ptq_parser
+from train.ptq import METHODS, PTQContext, PTQOptions
 from train.quant.convert import QuantConfig
+from train.quant.spec import check_bits
 
 from .environment import environment
 
@@ -50,13 +53,9 @@ def run(data_dir: Path, bits: list[int], zeroq_iters: int, zeroq_images: int) ->
         distilled = None
         for b in bits:
             for method, observer in ROWS:
-                argv = ["--method", method, "--out", "unused", "--wbits", str(b), "--abits", str(b),
-                        "--zeroq-iters", str(zeroq_iters)]
-                if observer != "bn-statistics":
-                    argv += ["--observer", observer]
-                if method == "zeroq":
-                    argv += ["--calib-size", str(zeroq_images)]
-                args = ptq_parser().parse_args(argv)
+                args = PTQOptions(method, Path("unused"), wbits=b, abits=b, zeroq_iters=zeroq_iters,
+                                  **({"observer": observer} if observer != "bn-statistics" else {}),
+                                  **({"calib_size": zeroq_images} if method == "zeroq" else {}))
                 ctx = PTQContext(teacher, info, QuantConfig(b, b, 8), args, data_dir,
                                  distilled_images=distilled[0] if method == "zeroq" and distilled else None)
                 t0 = time.perf_counter()
@@ -110,20 +109,25 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class TableOptions:
+    data_dir: Path | None = option(None, "data folder (default $DFQF_DATA_DIR)")
+    bits: list[int] = option([8, 6, 4], "bit widths of the rows, e.g. 8,6,4", parse=int_list, check=each(check_bits))
+    zeroq_iters: int = option(500, "ZeroQ distillation steps", check=positive)
+    zeroq_images: int = option(64, "ZeroQ distilled images", check=positive)
+    out: Path = option(Path(__file__).parent / "results", "output folder")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = CLIParser(prog="python -m benchmarks.ptq_table", description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir")
-    p.add_argument("--bits", default="8,6,4")
-    p.add_argument("--zeroq-iters", type=int, default=500)
-    p.add_argument("--zeroq-images", type=int, default=64)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = p.parse_args(argv)
-    res = run(resolve_data_dir(args.data_dir), [int(b) for b in args.bits.split(",")], args.zeroq_iters,
-              args.zeroq_images)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ptq_table.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "ptq_table.md").write_text(markdown(res))
+    o = parse_options(TableOptions, argv, "python -m benchmarks.ptq_table", __doc__.splitlines()[0])
+    res = run(resolve_data_dir(o.data_dir), o.bits, o.zeroq_iters, o.zeroq_images)
+    o.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(res, o.out / "ptq_table.json")
+    (o.out / "ptq_table.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 

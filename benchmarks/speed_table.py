@@ -6,7 +6,7 @@
 Builds the llvm artifacts it needs with `lower.compile` (reused when present and made from the same
 student; `--rebuild` recompiles them with the current lowering), creates the W8A8 DFQ student with
 `python -m train.ptq` when it is missing, measures this core's VNNI peak (`benchmarks.vnni_peak`), runs
-`python -m runtime.bench` once for every batch size and thread count (engines interleaved in one process
+`python -m benchmarks.bench` once for every batch size and thread count (engines interleaved in one process
 per thread count), and writes speed_table.md, speed_table.json and speed_table.png to --out.
 """
 from __future__ import annotations
@@ -18,11 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.bench import int_list
-from train.errors import CLIParser, DFQFError, cli_main, positive_int
+from core.cli import check_fields, cli_main, each, int_list, option, parse_options, positive
+from core.errors import DFQFError
+from core.files import write_json_atomic
 
 from .environment import environment
 from .vnni_peak import measure_peak
@@ -61,7 +63,7 @@ def ensure_student_int8(path: Path, data_dir: Path) -> Path:
 
 def find_artifact(student: Path, root: Path) -> Path | None:
     """The newest llvm artifact under root/*/llvm compiled from this very student file (same sha256)."""
-    from train.models.registry import sha256_file
+    from core.files import sha256_file
 
     digest, found = sha256_file(student), []
     for manifest in root.glob("*/llvm/manifest.json"):
@@ -244,25 +246,32 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class SpeedTableOptions:
+    student_int8: Path = option(Path("runs/ptq/r20-dfq-w8a8/student.pt"), "the W8A8 student (made with train.ptq "
+                                "DFQ when missing)")
+    student_int4: str = option("runs/bench/w4a4/student.pt", "the W4A4 student, or 'none' to skip it")
+    artifact_root: Path = option(Path("artifacts"), "artifacts go to ROOT/<student folder>/llvm")
+    data_dir: Path = option(Path(os.environ.get("DFQF_DATA_DIR") or DEFAULT_DATA), "data folder (teacher, "
+                            "calibration images of the peers)")
+    batch: list[int] = option([1, 128], "batch sizes", parse=int_list, check=each(positive))
+    threads: list[int] = option([1, 2], "thread counts", parse=int_list, check=each(positive))
+    repeat: int = option(100, "timed rounds per configuration", check=positive)
+    warmup: int = option(5, "untimed calls first", check=positive)
+    budget: float = option(15.0, "seconds per engine and configuration", check=positive)
+    engines: str | None = option(None, "comma-separated subset (benchmarks.bench names)")
+    rebuild: bool = option(False, "recompile the artifacts with the current lowering", switch=True)
+    out: Path = option(Path("benchmarks/results"), "output folder")
+    name: str = option("speed_table", "output file name stem (e.g. speed_table_resnet56)")
+    from_json: Path | None = option(None, "only re-render the .md and .png from this speed_table JSON")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = CLIParser(prog="python -m benchmarks.speed_table", description=__doc__.splitlines()[0])
-    p.add_argument("--student-int8", type=Path, default=Path("runs/ptq/r20-dfq-w8a8/student.pt"))
-    p.add_argument("--student-int4", type=Path, default=Path("runs/bench/w4a4/student.pt"), help="'none': skip")
-    p.add_argument("--artifact-root", type=Path, default=Path("artifacts"),
-                   help="artifacts go to ROOT/<student folder>/llvm")
-    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DFQF_DATA_DIR") or DEFAULT_DATA))
-    p.add_argument("--batch", type=int_list, default=[1, 128])
-    p.add_argument("--threads", type=int_list, default=[1, 2])
-    p.add_argument("--repeat", type=positive_int, default=100)
-    p.add_argument("--warmup", type=positive_int, default=5)
-    p.add_argument("--budget", type=float, default=15.0, help="seconds per engine and configuration")
-    p.add_argument("--engines", help="comma-separated subset (runtime.bench names)")
-    p.add_argument("--rebuild", action="store_true", help="recompile the artifacts with the current lowering")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default="speed_table", help="output file name stem (e.g. speed_table_resnet56)")
-    p.add_argument("--from-json", type=Path, help="only re-render the .md and .png from this speed_table JSON")
-    args = p.parse_args(argv)
+    args = parse_options(SpeedTableOptions, argv, "python -m benchmarks.speed_table", __doc__.splitlines()[0])
     if args.from_json is not None:
         full = json.loads(args.from_json.read_text())
         stem = args.from_json.with_suffix("")
@@ -277,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     a4 = None
     if str(args.student_int4) == "none":
         notes.append("tvm_int4: not requested (--student-int4 none)")
-    elif args.student_int4.is_file():
+    elif Path(args.student_int4).is_file():
         try:
-            a4 = ensure_artifact(args.student_int4, args.artifact_root, args.rebuild, notes)
+            a4 = ensure_artifact(Path(args.student_int4), args.artifact_root, args.rebuild, notes)
         except DFQFError as e:  # the table still has every other engine
             notes.append(f"tvm_int4: no artifact ({e})")
             log(notes[-1])
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_args += ["--engines", args.engines]
     load_before = os.getloadavg()[0]
     try:
-        report = json.loads(run_module("runtime.bench", bench_args).strip().splitlines()[-1])
+        report = json.loads(run_module("benchmarks.bench", bench_args).strip().splitlines()[-1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # name the shared artifacts (not the private copies) in the report
@@ -315,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     report["goal"] = goal_rows(report["results"])
     seconds = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    full = {"environment": env, "bench_command": "python -m runtime.bench " + " ".join(bench_args),
+    full = {"environment": env, "bench_command": "python -m benchmarks.bench " + " ".join(bench_args),
             "vnni_peak": peak, "goal_speedup": GOAL, "seconds": round(seconds, 1), **report}
-    (args.out / f"{args.name}.json").write_text(json.dumps(full, indent=1) + "\n")
+    write_json_atomic(full, args.out / f"{args.name}.json")
     (args.out / f"{args.name}.md").write_text(markdown(report, env, peak, seconds))
     bar_chart(report, args.out / f"{args.name}.png")
     log(f"wrote {args.out}/{args.name}.{{md,json,png}} ({seconds / 60:.1f} min)")

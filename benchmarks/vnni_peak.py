@@ -21,11 +21,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from train.errors import CLIParser, DFQFError, cli_main, positive_int
+from core.cli import check_fields, cli_main, each, int_list, option, parse_options, positive
+from core.errors import DFQFError
 
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ["-O2", "-mavx512f", "-mavx512vnni", "-shared", "-fPIC"]
@@ -45,7 +47,7 @@ def build_library(cache: Path | None = None) -> ctypes.CDLL:
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise DFQFError("no C compiler (gcc) on PATH")
-    from train.models.registry import cache_dir
+    from core.paths import cache_dir
 
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     lib = (cache or cache_dir() / "vnni_peak") / f"vnni_peak_{digest}.so"
@@ -110,24 +112,28 @@ def resnet_macs(arch: str = "resnet20") -> int:
     return total[0]
 
 
+@dataclass(frozen=True)
+class PeakOptions:
+    artifact: Path | None = option(None, "take the MACs from this artifact's integer graph")
+    arch: str = option("resnet20", "else from this registered architecture")
+    batch: list[int] = option([1, 128], "batch sizes of the latency limit", parse=int_list, check=each(positive))
+    reps: int = option(200, "timed repetitions (the best is the peak)", check=positive)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    from runtime.bench import graph_macs, int_list
-
-    p = CLIParser(prog="python -m benchmarks.vnni_peak", description=__doc__.splitlines()[0])
-    p.add_argument("--artifact", type=Path, help="take the MACs from this artifact's integer graph")
-    p.add_argument("--arch", default="resnet20", help="else from this architecture (default resnet20)")
-    p.add_argument("--batch", type=int_list, default=[1, 128])
-    p.add_argument("--reps", type=positive_int, default=200)
-    args = p.parse_args(argv)
-    if args.artifact is not None:
+    o = parse_options(PeakOptions, argv, "python -m benchmarks.vnni_peak", __doc__.splitlines()[0])
+    if o.artifact is not None:
         from lower.artifact import load_graph
 
-        macs, source = graph_macs(load_graph(args.artifact)), str(args.artifact)
+        macs, source = load_graph(o.artifact).total_macs(), str(o.artifact)
     else:
-        macs, source = resnet_macs(args.arch), args.arch
-    peak = measure_peak(args.reps)
-    limit = {str(b): round(macs * b / (peak["gmacs"] * 1e9) * 1e3, 4) for b in args.batch}
+        macs, source = resnet_macs(o.arch), o.arch
+    peak = measure_peak(o.reps)
+    limit = {str(b): round(macs * b / (peak["gmacs"] * 1e9) * 1e3, 4) for b in o.batch}
     print(f"vpdpbusd peak {peak['gmacs']} GMAC/s ({peak['gops']} GOP/s; median {peak['gmacs_median']}) at "
           f"~{peak['ghz']} GHz = {peak['macs_per_cycle']} MAC/cycle; {source}: {macs / 1e6:.2f} MMAC/image -> "
           + ", ".join(f"batch {b}: {ms} ms" for b, ms in limit.items()), file=sys.stderr)

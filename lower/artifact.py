@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from train.errors import DFQFError
-from train.models.registry import sha256_file as sha256
+from core.errors import DFQFError
+from core.files import sha256_file as sha256
 
 from .graph import IntGraph
 from .int4 import pack_int4, unpack_int4

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.errors import DFQFError
+from core.errors import DFQFError
 
 
 def pack_int4(values: np.ndarray, signed: bool = True) -> np.ndarray:

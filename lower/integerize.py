@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from train.data import normalize
-from train.errors import DFQFError
+from core.errors import DFQFError
+from core.pixels import normalize
 from train.quant import primitives as P
 from train.quant.convert import kind_names
 from train.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
@@ -32,7 +32,6 @@ from train.quant.modules import ActQuantizer, QuantConv2d, QuantLinear
 from .graph import IntGraph, Node, TensorInfo
 
 INT32_MAX = 2**31 - 1
-INT64_LIMIT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ class _Integerizer:
 
     def add_int32_bias(self, name: str, bias: np.ndarray) -> None:
         node, info = self.node_named(name), self.tensors[name]
-        b = np.floor(bias / np.asarray(info.scale, np.float64) + 0.5)
+        b = P.round_half_up_np(bias / np.asarray(info.scale, np.float64))
         if self.bound[name] + np.abs(b).max() > INT32_MAX:
             raise DFQFError(f"{name}: the int32 accumulator could overflow with its bias")
         node.params["bias"] = (node.params["bias"].astype(np.int64) + b.astype(np.int64)).astype(np.int32)
@@ -145,48 +144,22 @@ class _Integerizer:
         if v.relu:
             qmin = max(qmin, zp)  # relu(r) rounds to max(zp, round(r/s) + zp)
             if v.relu_max is not None:
-                qmax = min(qmax, int(P.round_half_up(torch.tensor(v.relu_max / s_y, dtype=torch.float64))) + zp)
+                qmax = min(qmax, int(P.round_half_up_np(v.relu_max / s_y)) + zp)
         channels = max(len(self.tensors[t].scale) for t in v.terms)
         m = np.stack([np.broadcast_to(np.asarray(self.tensors[t].scale, np.float64), (channels,)) / s_y
                       for t in v.terms])  # [k, C]
         bounds = np.array([self.bound[t] for t in v.terms], dtype=object)
         bias = np.zeros(channels) if v.bias is None else np.broadcast_to(v.bias / s_y, (channels,))
-        multiplier, shift, offset = joint_dyadic(m, bounds, bias)
+        try:
+            multiplier, shift, offset = P.joint_dyadic(m, bounds, bias)
+        except ValueError as e:
+            raise DFQFError(f"{name}: {e}") from None
         info = TensorInfo(shape, "int8" if spec.signed else "uint8", spec.bits, spec.signed, (s_y,), zp)
         node = Node("requantize", name, v.terms,
                     {"input_zero_points": [self.tensors[t].zero_point for t in v.terms],
                      "output_zero_point": zp, "qmin": qmin, "qmax": qmax},
                     {"multiplier": multiplier, "shift": shift, "offset": offset})
         return self.emit(node, info, max(abs(qmin - zp), abs(qmax - zp)))
-
-
-def joint_dyadic(m: np.ndarray, bounds: np.ndarray, bias: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Multipliers M0[i, c], shifts n_c and offsets o_c with m[i, c] ~ M0[i, c] / 2^n_c and
-    bias[c] ~ o_c / 2^n_c (bias in output steps): per column c the largest n_c with every M0 < 2^31 and
-    sum_i bounds[i] * M0[i, c] + |o_c| + 2^(n_c - 1) < 2^63, so the int64 requantizer cannot overflow.
-
-    >>> m0, n, o = joint_dyadic(np.array([[0.1], [0.05]]), np.array([1000, 100], dtype=object), np.array([0.25]))
-    >>> m0[:, 0].tolist(), n.tolist(), o.tolist()
-    ([1717986918, 858993459], [34], [4294967296])
-    """
-    bias = np.zeros(m.shape[1]) if bias is None else np.asarray(bias, np.float64)
-    _, shift = P.dyadic_multiplier(m.max(axis=0))  # the largest term sets the precision
-    multiplier = np.zeros(m.shape, dtype=np.int64)
-    offset = np.zeros(m.shape[1], dtype=np.int64)
-    for c in range(m.shape[1]):
-        n = int(shift[c])
-        while True:
-            col = [int(x) for x in np.floor(m[:, c] * 2.0**n + 0.5)]
-            off = int(np.floor(bias[c] * 2.0**n + 0.5))
-            worst = sum(int(b) * x for b, x in zip(bounds, col)) + abs(off) + (1 << max(n - 1, 0))
-            if max(col) < 2**31 and worst <= INT64_LIMIT:
-                break
-            if n == 0:
-                raise DFQFError("requantization multiplier too large for an int64 requantizer")
-            n -= 1
-        multiplier[:, c], shift[c], offset[c] = col, n, off
-    return multiplier, shift.astype(np.int64), offset
 
 
 # -- lowering functions: one per student node kind ------------------------------------------------------
@@ -249,7 +222,7 @@ def _relu(z: _Integerizer, n: fx.Node) -> Value:
     x = z.quantized(n.args[0], n.name)
     xi = z.tensors[x]
     lo, hi = xi.qrange
-    qmax = hi if relu_max is None else min(hi, int(np.floor(relu_max / xi.scale[0] + 0.5)) + xi.zero_point)
+    qmax = hi if relu_max is None else min(hi, int(P.round_half_up_np(relu_max / xi.scale[0])) + xi.zero_point)
     if lo >= xi.zero_point and qmax == hi:
         return v  # already non-negative: ReLU is the identity on this grid
     node = Node("clamp", n.name, (x,), {"qmin": max(lo, xi.zero_point), "qmax": qmax})

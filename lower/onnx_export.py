@@ -37,9 +37,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from train.errors import DFQFError
+from core.errors import DFQFError
+from train.quant.primitives import round_half_up_np
 
 from .graph import IntGraph, Node, TensorInfo
 
@@ -154,7 +155,7 @@ def _quantize_input(b: _Builder, n: Node) -> str:
     offset = _u8_offset(info)
     table = b.const(f"{n.name}/lut", lut.ravel() + offset, TensorProto.UINT8)
     offsets = b.const(f"{n.name}/channel_offset", np.arange(channels) * 256, TensorProto.INT64)
-    index = b.op("Cast", [n.inputs[0]], f"{n.name}/pixel_i64", to=TensorProto.INT64)
+    index = b.op("Cast", [b.real[n.inputs[0]]], f"{n.name}/pixel_i64", to=TensorProto.INT64)
     index = b.op("Add", [index, offsets], f"{n.name}/index")
     q_nhwc = b.op("Gather", [table, index], f"{n.name}/q_nhwc", axis=0)
     q = b.op("Transpose", [q_nhwc], f"{n.name}/q", perm=[0, 3, 1, 2])
@@ -218,8 +219,8 @@ def _fold_requantize_biases(graph: IntGraph) -> dict[str, np.ndarray]:
             if by_name[t].op not in ("conv2d", "dense") or readers[t] != 1:
                 continue
             acc_scale = np.asarray(graph.tensors[t].scale, np.float64)
-            bias = np.asarray(by_name[t].params["bias"], np.int64) + np.floor(
-                _requantize_bias(graph, n) / acc_scale + 0.5).astype(np.int64)
+            bias = np.asarray(by_name[t].params["bias"], np.int64) + round_half_up_np(
+                _requantize_bias(graph, n) / acc_scale).astype(np.int64)
             if np.abs(bias).max() < 2**31:
                 folded[t] = bias.astype(np.int32)
                 break
@@ -316,43 +317,3 @@ def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
     path = Path(path)
     onnx.save_model(model, str(path))
     return path
-
-
-def inference_session(path_or_model: str | Path | onnx.ModelProto, threads: int, spin: bool | None = None,
-                      optimized_path: str | None = None):
-    """An ONNX Runtime CPU InferenceSession with `threads` intra-op threads (one inter-op), all graph
-    optimizations; spin: whether idle intra-op threads spin (None: ORT's default); optimized_path: also save
-    the graph ORT runs there."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if spin is not None:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if optimized_path is not None:  # QDQ fusions are "extended"; "all" adds CPU-specific layouts (NCHWc)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = optimized_path
-    source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-
-
-def ort_session(path_or_model: str | Path | onnx.ModelProto, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime CPU session as a function: uint8 NHWC pixels -> float32 logits."""
-    session = inference_session(path_or_model, threads)
-
-    def run(pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels)
-        if pixels.dtype != np.uint8 or pixels.ndim != 4:
-            raise DFQFError(f"expected uint8 NHWC images, got {pixels.dtype} {list(pixels.shape)}")
-        return session.run([OUTPUT], {INPUT: pixels})[0]
-
-    return run
-
-
-def ort_optimized_ops(path_or_model: str | Path | onnx.ModelProto, workdir: str | Path) -> Counter:
-    """Op types of the graph ONNX Runtime actually runs (after its QDQ fusions), e.g. QLinearConv counts."""
-    out = Path(workdir) / "ort_optimized.onnx"
-    inference_session(path_or_model, 1, optimized_path=str(out))
-    return Counter(node.op_type for node in onnx.load(str(out)).graph.node)

@@ -8,7 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from train.errors import DFQFError
+from core.errors import DFQFError
+from train.quant import primitives as P
 
 from .graph import IntGraph, Node
 
@@ -76,29 +77,6 @@ def dense(x: Array, weight: Array, bias: Array, input_zero_point: int) -> Array:
         np.asarray(bias, np.int64)
 
 
-def requantize(terms: list[Array], multiplier: Array, shift: Array, offset: Array, input_zero_points,
-               output_zero_point: int, qmin: int, qmax: int) -> Array:
-    """clamp(zp_out + ((sum_i (t_i - zp_i) * M0[i, c] + offset[c] + 2^(n_c - 1)) >> n_c), qmin, qmax);
-    c along axis 1.
-
-    `lower.integerize` chooses shifts that provably keep the int64 sum in range (no overflow check here).
-
-    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), np.array([0]), [0], 0, -8, 7).tolist()
-    [[3, 4, -2, 7]]
-    """
-    m = np.asarray(multiplier, np.int64)
-    n = np.asarray(shift, np.int64)
-    rank = terms[0].ndim
-    per_channel = (1, -1) + (1,) * (rank - 2)
-    acc = np.zeros(np.broadcast_shapes(*(t.shape for t in terms)), dtype=np.int64)
-    for i, t in enumerate(terms):
-        acc = acc + (np.asarray(t, np.int64) - int(input_zero_points[i])) * m[i].reshape(per_channel)
-    nb = n.reshape(per_channel)
-    rounding = np.where(nb > 0, np.left_shift(np.int64(1), np.maximum(nb - 1, 0)), 0)
-    q = np.right_shift(acc + np.asarray(offset, np.int64).reshape(per_channel) + rounding, nb) + output_zero_point
-    return np.clip(q, qmin, qmax)
-
-
 def sum_pool2d(x: Array, kernel, stride) -> Array:
     return _windows(np.asarray(x, np.int64), tuple(kernel), tuple(stride)).sum(axis=(-2, -1))
 
@@ -121,32 +99,41 @@ def reshape(x: Array, shape) -> Array:
     return x.reshape(x.shape[0], *shape)
 
 
+def requantize(terms: list[Array], multiplier: Array, shift: Array, offset: Array, input_zero_points,
+               output_zero_point: int, qmin: int, qmax: int) -> Array:
+    """The quant core's requantizer (`train.quant.primitives.requantize`), channels along axis 1.
+
+    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), np.array([0]), [0], 0, -8, 7).tolist()
+    [[3, 4, -2, 7]]
+    """
+    return P.requantize(terms, multiplier, shift, offset, input_zero_points, output_zero_point, qmin, qmax, axis=1)
+
+
+# op -> its executor on (node, input arrays); the graph's op set (`lower.graph.OPS`) and this table agree
+# (tests/test_integerize.py checks it)
+RunOp = Callable[[Node, list[Array]], Array]
+EXECUTORS: dict[str, RunOp] = {
+    "quantize_input": lambda n, xs: quantize_input(xs[0], n.params["lut"]),
+    "conv2d": lambda n, xs: conv2d(xs[0], n.params["weight"], n.params["bias"], n.attrs["stride"], n.attrs["padding"],
+                                   n.attrs["dilation"], n.attrs["groups"], n.attrs["input_zero_point"]),
+    "dense": lambda n, xs: dense(xs[0], n.params["weight"], n.params["bias"], n.attrs["input_zero_point"]),
+    "requantize": lambda n, xs: requantize(xs, n.params["multiplier"], n.params["shift"], n.params["offset"],
+                                           n.attrs["input_zero_points"], n.attrs["output_zero_point"],
+                                           n.attrs["qmin"], n.attrs["qmax"]),
+    "sum_pool2d": lambda n, xs: sum_pool2d(xs[0], n.attrs["kernel"], n.attrs["stride"]),
+    "max_pool2d": lambda n, xs: max_pool2d(xs[0], n.attrs["kernel"], n.attrs["stride"], n.attrs["padding"]),
+    "clamp": lambda n, xs: np.clip(xs[0], n.attrs["qmin"], n.attrs["qmax"]),
+    "strided_slice": lambda n, xs: strided_slice(xs[0], n.attrs["begin"], n.attrs["end"], n.attrs["step"]),
+    "pad": lambda n, xs: pad(xs[0], n.attrs["pads"], n.attrs["value"]),
+    "reshape": lambda n, xs: reshape(xs[0], n.attrs["shape"]),
+}
+
+
 def _run_node(n: Node, args: list[Array]) -> Array:
-    a, p = n.attrs, n.params
-    x = args[0]
-    if n.op == "quantize_input":
-        return quantize_input(x, p["lut"])
-    if n.op == "conv2d":
-        return conv2d(x, p["weight"], p["bias"], a["stride"], a["padding"], a["dilation"], a["groups"],
-                      a["input_zero_point"])
-    if n.op == "dense":
-        return dense(x, p["weight"], p["bias"], a["input_zero_point"])
-    if n.op == "requantize":
-        return requantize(args, p["multiplier"], p["shift"], p["offset"], a["input_zero_points"],
-                          a["output_zero_point"], a["qmin"], a["qmax"])
-    if n.op == "sum_pool2d":
-        return sum_pool2d(x, a["kernel"], a["stride"])
-    if n.op == "max_pool2d":
-        return max_pool2d(x, a["kernel"], a["stride"], a["padding"])
-    if n.op == "clamp":
-        return np.clip(x, a["qmin"], a["qmax"])
-    if n.op == "strided_slice":
-        return strided_slice(x, a["begin"], a["end"], a["step"])
-    if n.op == "pad":
-        return pad(x, a["pads"], a["value"])
-    if n.op == "reshape":
-        return reshape(x, a["shape"])
-    raise DFQFError(f"reference executor has no op {n.op!r}")
+    run = EXECUTORS.get(n.op)
+    if run is None:
+        raise DFQFError(f"reference executor has no op {n.op!r}")
+    return run(n, args)
 
 
 def run_graph(g: IntGraph, pixels: Array, observe: Callable[[str, Array], Array | None] | None = None) -> Array:

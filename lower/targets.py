@@ -9,14 +9,15 @@ targets without a matching set, use TVM's default loops.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import tvm
 from tvm import relax
 
-from train.errors import DFQFError
+from core.errors import DFQFError
+
+from .schedules import X86_AVX2, X86_VNNI, ScheduleSet
 
 DEFAULT_CUDA_ARCH = "sm_80"
 # The host side of a GPU build only launches kernels; keep it generic so it runs on any x86-64 host.
@@ -79,18 +80,19 @@ def _vm_lowering(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
 @dataclass(frozen=True)
 class TargetSpec:
     """make_target(**opts) -> tvm Target; device: tvm.runtime.device name; passes(): the Relax pipeline;
-    schedules: (required target features, schedule module in `lower.schedules`), first match wins."""
+    schedules: the `lower.schedules.ScheduleSet`s it may use, best first (the first whose features the
+    target has wins)."""
 
     make_target: Callable[..., tvm.target.Target]
     device: str
     passes: Callable[[], list[tvm.transform.Pass]]
     options: tuple[str, ...]
-    schedules: tuple[tuple[tuple[str, ...], str], ...] = field(default=())
+    schedules: tuple[ScheduleSet, ...] = field(default=())
 
 
 TARGETS: dict[str, TargetSpec] = {
     "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu",),
-                       schedules=((("avx512vnni",), "x86_vnni"), (("avx2",), "x86_avx2"))),  # else: default loops
+                       schedules=(X86_VNNI, X86_AVX2)),  # else: default loops
     "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
                        ("arch", "host")),
 }
@@ -105,30 +107,25 @@ def target_features(target: tvm.target.Target) -> Callable[[tuple[str, ...]], bo
 
 
 def select_schedules(name: str, target: tvm.target.Target, choice: str = "auto",
-                     has_features: Callable[[tuple[str, ...]], bool] | None = None) -> str | None:
-    """The schedule set for target `name` (a `lower.schedules` module name), or None for default loops.
+                     has_features: Callable[[tuple[str, ...]], bool] | None = None) -> ScheduleSet | None:
+    """The schedule set for target `name`, or None for default loops.
 
-    choice: "auto" (the first entry of TARGETS[name].schedules whose features the target has),
-    NO_SCHEDULES, or an entry's module name (an error if the target lacks its features).
+    choice: "auto" (the first of TARGETS[name].schedules whose features the target has), NO_SCHEDULES, or a
+    set's name (an error if the target lacks its features).
     """
     spec = target_spec(name)
     has = has_features or target_features(target)
     if choice == NO_SCHEDULES:
         return None
     if choice == "auto":
-        return next((module for features, module in spec.schedules if has(features)), None)
-    entry = next((e for e in spec.schedules if e[1] == choice), None)
-    if entry is None:
+        return next((s for s in spec.schedules if has(s.features)), None)
+    chosen = next((s for s in spec.schedules if s.name == choice), None)
+    if chosen is None:
         raise DFQFError(f"target {name!r} has no schedule set {choice!r}; known: "
-                        f"{', '.join(['auto', NO_SCHEDULES] + [m for _, m in spec.schedules])}")
-    if not has(entry[0]):
-        raise DFQFError(f"schedule set {choice!r} needs {', '.join(entry[0])}, which target {target} lacks")
-    return choice
-
-
-def schedule_module(module: str | None) -> Any:
-    """The `lower.schedules.<module>` Python module (None stays None)."""
-    return None if module is None else importlib.import_module(f"lower.schedules.{module}")
+                        f"{', '.join(['auto', NO_SCHEDULES] + [s.name for s in spec.schedules])}")
+    if not has(chosen.features):
+        raise DFQFError(f"schedule set {choice!r} needs {', '.join(chosen.features)}, which target {target} lacks")
+    return chosen
 
 
 def target_spec(name: str) -> TargetSpec:

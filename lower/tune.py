@@ -30,9 +30,10 @@ from typing import Any, Callable
 import numpy as np
 import tvm
 
-from train.errors import DFQFError
+from core.errors import DFQFError
 
 from .graph import IntGraph
+from .schedules import ScheduleSet
 from .schedules.x86_conv import KernelRequest, check_tile, register_tile, tiles_by_preference
 
 VERSION = 2  # 2: kernel keys name the unpadded input, its padding and dtype (the kernels pad their input)
@@ -42,7 +43,7 @@ MAX_ROUNDS = 5  # passes over all candidates while the budget lasts
 KEEP_DEFAULT_WITHIN = 1.02  # a tile must beat the default by more than 2% (timing noise) to replace it
 
 
-def kernel_requests(g: IntGraph, schedules: str | None) -> dict[str, KernelRequest]:
+def kernel_requests(g: IntGraph, schedules: ScheduleSet | None) -> dict[str, KernelRequest]:
     """Kernel key -> request of every hand-scheduled kernel of `g` under schedule set `schedules` (builds the
     Relax module once, compiles nothing); empty when `schedules` is None."""
     from .tvm_build import build_relax
@@ -67,9 +68,9 @@ def candidates(r: KernelRequest, cap: int = MAX_CANDIDATES) -> list[tuple[int, i
 
 def macs(r: KernelRequest) -> int:
     """Multiply-accumulates of one image through the kernel, times the nodes that use it."""
-    _, _, cin, _, out_blocks, kernel, _, _ = r.args
     oh, ow = r.output_hw
-    return oh * ow * out_blocks * r.family.lanes * cin * kernel[0] * kernel[1] * len(r.nodes)
+    sh = r.shape
+    return oh * ow * sh.out_blocks * r.family.lanes * sh.cin * sh.kernel[0] * sh.kernel[1] * len(r.nodes)
 
 
 def _random_args(func: tvm.tirx.PrimFunc, batch: int, device: tvm.runtime.Device) -> list[tvm.runtime.Tensor]:
@@ -95,7 +96,7 @@ def timer(r: KernelRequest, tile: tuple[int, int], target: tvm.target.Target, ba
           repeat: int = 5) -> Callable[[], float]:
     """Compile the kernel with register tile `tile`; the result times one call at `batch`, in milliseconds
     (min over `repeat` runs of at least 10 ms each)."""
-    func = r.family.kernel(tvm.tirx.Var("n", "int64"), *r.args, epilogue=r.epilogue, tile=tile)
+    func = r.family.kernel(tvm.tirx.Var("n", "int64"), r.shape, epilogue=r.epilogue, tile=tile)
     module = tvm.compile(tvm.IRModule({"main": func}), target=target).mod
     device = tvm.cpu()
     evaluate = module.time_evaluator("main", device, number=1, repeat=repeat, min_repeat_ms=10)

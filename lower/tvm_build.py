@@ -41,69 +41,23 @@ v - ((v >> 3) << 4) (v >= 8 -> v - 16), then reshaped to [O, Cin/groups, kh, kw]
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import tvm
 from tvm import relax, te
 from tvm.relax import op as R
 
-from train.errors import DFQFError
+from core.errors import DFQFError
 
-from .graph import OPS, IntGraph, Node
-from .int4 import pack_int4
-from .targets import (TARGETS, gpu_arch, make_target, relax_pipeline, schedule_module, select_schedules, target_dict,
-                      target_spec)
+from .graph import IntGraph, Node
+from .params import pack_params, packed_param, param_order
+from .schedules import ScheduleSet
+from .targets import make_target, relax_pipeline, select_schedules
 
-__all__ = ["CONVERTERS", "GraphBuilder", "IntegerExecutable", "build_relax", "compile_cuda_ptx", "compile_graph",
-           "cuda_source", "export_library", "find_nvcc", "gpu_arch", "load_executable", "pack_params",
-           "param_order", "run_executable", "target_dict", "TARGETS"]
-
-PARAM_DTYPES = {"lut": "int32", "weight": "int8", "bias": "int32", "multiplier": "int64", "shift": "int64",
-                "offset": "int64"}
-INT4_BITS = 4
-
-
-def _packed(node: Node, key: str) -> bool:
-    return key == "weight" and int(node.attrs.get("weight_bits", 8)) <= INT4_BITS
-
-
-def param_order(g: IntGraph) -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, dtype) of main's parameters after x: nodes in graph order, params in `OPS` order.
-
-    Keys are `IntGraph.param_arrays()` keys ("conv1/weight"). Weights of <= 4 bits are packed uint8.
-    """
-    order = []
-    for n in g.nodes:
-        for k in OPS[n.op][2]:
-            shape = tuple(int(d) for d in np.shape(n.params[k]))
-            if _packed(n, k):
-                order.append((f"{n.name}/{k}", ((int(np.prod(shape)) + 1) // 2,), "uint8"))
-            else:
-                order.append((f"{n.name}/{k}", shape, PARAM_DTYPES[k]))
-    return order
-
-
-def pack_params(g: IntGraph) -> list[np.ndarray]:
-    """The arrays to pass after x, in `param_order` (int4 weights packed); casts are checked to be lossless."""
-    arrays = g.param_arrays()
-    out = []
-    for key, _, dtype in param_order(g):
-        a = np.asarray(arrays[key])
-        node, k = g.node(key.rsplit("/", 1)[0]), key.rsplit("/", 1)[1]
-        if _packed(node, k):
-            out.append(pack_int4(a, signed=True))
-            continue
-        cast = a.astype(dtype)
-        if not np.array_equal(cast, a):
-            raise DFQFError(f"parameter {key} does not fit {dtype}")
-        out.append(np.ascontiguousarray(cast))
-    return out
-
+__all__ = ["CONVERTERS", "GraphBuilder", "build_relax", "compile_graph", "export_library", "pack_params",
+           "param_order"]
 
 # -- building the Relax module --------------------------------------------------------------------------
 def _const(value: int, dtype: str) -> relax.Constant:
@@ -139,11 +93,11 @@ def to_internal_layout(x: relax.Expr, rank: int) -> relax.Expr:
 class GraphBuilder:
     """What a converter sees: the BlockBuilder, the graph, the batch size and the parameter variables."""
 
-    def __init__(self, g: IntGraph, schedules: Any = None, tiles: dict[str, tuple[int, int]] | None = None,
+    def __init__(self, g: IntGraph, schedules: ScheduleSet | None = None, tiles: dict[str, tuple[int, int]] | None = None,
                  kernels: dict | None = None) -> None:
         self.bb = relax.BlockBuilder()
         self.graph = g
-        self.schedules = schedules  # a lower.schedules module, or None: default loops only
+        self.schedules = schedules  # hand-scheduled kernels, or None: default loops only
         self.tiles = tiles or {}  # kernel key -> register tile (`lower.tune`); others: the default tile
         self.kernels = kernels  # when a dict: filled with kernel key -> x86_conv.KernelRequest
         self.batch = tvm.tirx.Var("n", "int64")
@@ -158,7 +112,7 @@ class GraphBuilder:
     def param(self, node: Node, key: str) -> relax.Expr:
         """A node's parameter; packed int4 weights are unpacked to int8 of the original shape."""
         var = self.params[f"{node.name}/{key}"]
-        if not _packed(node, key):
+        if not packed_param(node, key):
             return var
         return self.unpack_int4(var, tuple(np.shape(node.params[key])))
 
@@ -334,19 +288,19 @@ def _conv_requantize_pairs(g: IntGraph) -> dict[str, Node]:
     return pairs
 
 
-def build_relax(g: IntGraph, schedules: str | None = None, tiles: dict[str, tuple[int, int]] | None = None,
+def build_relax(g: IntGraph, schedules: ScheduleSet | None = None, tiles: dict[str, tuple[int, int]] | None = None,
                 kernels: dict | None = None) -> tvm.IRModule:
     """The Relax module of `g`: main(x: uint8 [n, H, W, C], *params in param_order(g)) -> int32 [n, ...].
 
-    schedules: a `lower.schedules` module name whose kernels replace the default ops they cover; tiles: kernel
+    schedules: a `lower.schedules.ScheduleSet` whose kernels replace the default ops they cover; tiles: kernel
     key -> register tile of those kernels (`lower.tune`; default tile for the others); kernels: a dict to
     fill with kernel key -> `x86_conv.KernelRequest` of every hand-scheduled kernel built."""
     missing = sorted({n.op for n in g.nodes if n.op not in CONVERTERS})
     if missing:
         raise DFQFError(f"the TVM lowering has no converter for {', '.join(missing)}; "
                         f"supported: {', '.join(CONVERTERS)}")
-    b = GraphBuilder(g, schedule_module(schedules), tiles, kernels)
-    fusable = _conv_requantize_pairs(g) if hasattr(b.schedules, "emit_conv2d_requantize") else {}
+    b = GraphBuilder(g, schedules, tiles, kernels)
+    fusable = _conv_requantize_pairs(g) if schedules is not None else {}
     deferred = {conv.name: conv for conv in fusable.values()}
     with b.bb.function("main", [b.x, *b.params.values()]):
         with b.bb.dataflow():
@@ -395,138 +349,3 @@ def export_library(executable: relax.VMExecutable, path: str | os.PathLike) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     executable.export_library(str(path))
     return path
-
-
-class PreparedParams(list):
-    """`IntegerExecutable.upload`'s result: device tensors in the compiled main's own parameter layout."""
-
-
-TRANSFORM_PARAMS = "main_transform_params"  # made by relax LiftTransformParams from main's parameter-only work
-
-
-# Below this many MACs per conv kernel call, a batch runs on one CPU thread: every kernel is a fork-join of
-# TVM's thread pool, and waking the other threads (~15 us per kernel when idle threads do not spin) costs
-# more than they save. Measured 2026-11-24 on the 2-core host, ResNet20 W8A8 (2.1 MMAC per conv and image),
-# 1 vs 2 threads: batch 1 0.29 vs 0.96 ms, batch 8 2.1 vs 2.3 ms, batch 16 4.2 vs 3.4 ms, batch 32 8.3 vs 5.7 ms.
-PARALLEL_MIN_MACS = 24_000_000
-
-
-def cpu_threads(n: int | None = None) -> int:
-    """The size of TVM's CPU thread pool; with `n`, resize it first (cheap: ~30 us, threads are kept)."""
-    if n is not None and n != tvm.runtime.module.num_threads():
-        tvm.get_global_func("runtime.config_threadpool")(1, n)  # 1: the pool's default (big-core) mode
-    return tvm.runtime.module.num_threads()
-
-
-class IntegerExecutable:
-    """A loaded module: `self(pixels, params)` -> int32 numpy logits; params in `param_order` (or `upload`ed).
-
-    On the CPU a call uses all of TVM's threads (TVM_NUM_THREADS) only when its kernels are large enough:
-    `parallel_min_batch` (set from the graph by `runtime.model`, `PARALLEL_MIN_MACS`); smaller batches run on
-    one thread."""
-
-    def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
-        self.device = device
-        self.vm = relax.VirtualMachine(module, device)
-        self.main = self.vm["main"]
-        self.input: tvm.runtime.Tensor | None = None  # reused while the image batch shape stays the same
-        self.input_view: np.ndarray | None = None
-        self.on_cpu = device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
-        self.max_threads = cpu_threads() if self.on_cpu else 1
-        self.parallel_min_batch = 1
-        try:
-            self.transform_params = self.vm[TRANSFORM_PARAMS] is not None
-        except (AttributeError, KeyError, RuntimeError, ValueError, tvm.error.InternalError):
-            self.transform_params = False
-
-    def upload(self, params: Sequence[Any]) -> PreparedParams:
-        """Parameters (in `param_order`) as device tensors in main's layout: do it once, then pass the result
-        to every call. Weight packing and per-channel constants run here, once, not in every call."""
-        if isinstance(params, PreparedParams):
-            return params
-        tensors = [p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(p), self.device)
-                   for p in params]
-        if self.transform_params:
-            tensors = list(self.vm[TRANSFORM_PARAMS](tensors))
-        return PreparedParams(tensors)
-
-    def __call__(self, pixels: np.ndarray, params: Sequence[Any]) -> np.ndarray:
-        pixels = np.asarray(pixels)
-        if pixels.dtype != np.uint8 or pixels.ndim != 4:
-            raise DFQFError(f"expected uint8 NHWC images, got {pixels.dtype} {list(pixels.shape)}")
-        if self.input is None or tuple(self.input.shape) != pixels.shape:
-            self.input = tvm.runtime.empty(pixels.shape, "uint8", self.device)
-            # on the CPU, a numpy view of the tensor: filling it is a plain memcpy (copyfrom costs ~10 us)
-            self.input_view = np.from_dlpack(self.input) if self.on_cpu else None
-        if self.input_view is not None:
-            self.input_view[...] = pixels
-        else:
-            self.input.copyfrom(np.ascontiguousarray(pixels))
-        if self.max_threads > 1:
-            cpu_threads(self.max_threads if len(pixels) >= self.parallel_min_batch else 1)
-        out = self.main(self.input, *self.upload(params))
-        # on the CPU the logits are handed over without a copy (the returned array keeps them alive)
-        return np.from_dlpack(out) if self.on_cpu else out.numpy()
-
-
-def _device(device: str | tvm.runtime.Device) -> tvm.runtime.Device:
-    if isinstance(device, str):
-        kind = target_spec(device).device if device in TARGETS else device
-        return tvm.runtime.device(kind, 0)
-    return device
-
-
-def load_executable(path: str | os.PathLike, device: str | tvm.runtime.Device = "cpu") -> IntegerExecutable:
-    """Load an exported library on `device` ('cpu', 'cuda', a target name, or a tvm Device)."""
-    if not Path(path).is_file():
-        raise DFQFError(f"compiled library not found: {path}")
-    dev = _device(device)
-    if not dev.exist:
-        raise DFQFError(f"device {dev} is not available on this machine")
-    return IntegerExecutable(tvm.runtime.load_module(str(path)), dev)
-
-
-def run_executable(executable: relax.VMExecutable, pixels: np.ndarray, params: Sequence[Any],
-                   device: str | tvm.runtime.Device = "cpu") -> np.ndarray:
-    """Run a freshly compiled (not exported) executable once; convenient in tests."""
-    return IntegerExecutable(executable.mod, _device(device))(pixels, params)
-
-
-# -- CUDA source and offline PTX checks ------------------------------------------------------------------
-def _device_modules(module: tvm.runtime.Module, kind: str) -> list[tvm.runtime.Module]:
-    found = [module] if module.kind == kind else []
-    for m in module.imports:
-        found += _device_modules(m, kind)
-    return found
-
-
-def cuda_source(executable: relax.VMExecutable) -> str:
-    """The generated CUDA C++ of a cuda build (kept in the module; no GPU needed)."""
-    mods = _device_modules(executable.mod, "cuda")
-    if not mods:
-        raise DFQFError("the executable holds no CUDA module (was it compiled for target 'cuda'?)")
-    return "\n".join(m.inspect_source("cuda") or m.inspect_source() for m in mods)
-
-
-def find_nvcc() -> str | None:
-    """nvcc on PATH, else under $CUDA_HOME or /usr/local/cuda."""
-    found = shutil.which("nvcc")
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if not found and root and Path(root, "bin", "nvcc").is_file():
-            found = str(Path(root, "bin", "nvcc"))
-    return found
-
-
-def compile_cuda_ptx(source: str, arch: str = "sm_80", nvcc: str | None = None) -> str:
-    """Compile CUDA source to PTX for `arch` with nvcc (offline: no GPU needed); returns the PTX text."""
-    nvcc = nvcc or find_nvcc()
-    if nvcc is None:
-        raise DFQFError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, ptx = Path(tmp, "kernels.cu"), Path(tmp, "kernels.ptx")
-        src.write_text(source)
-        proc = subprocess.run([nvcc, "--ptx", "-O3", f"-arch={arch.replace('sm_', 'compute_')}", "-o", str(ptx),
-                               str(src)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise DFQFError(f"nvcc failed for {arch}: {proc.stderr.strip()[:2000]}")
-        return ptx.read_text()

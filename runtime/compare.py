@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from lower.graph import IntGraph
+from train.quant.primitives import round_half_up_np
 
 
 class _Recorder(fx.Interpreter):
@@ -47,7 +48,7 @@ def fakequant_codes(graph: IntGraph, name: str, fakequant: torch.Tensor) -> np.n
     scale = np.asarray(info.scale, np.float64)
     if scale.size > 1:
         scale = scale.reshape((1, -1) + (1,) * (f.ndim - 2))
-    return (np.floor(f / scale + 0.5) + info.zero_point).astype(np.int64)
+    return (round_half_up_np(f / scale) + info.zero_point).astype(np.int64)
 
 
 def lsb_diff(graph: IntGraph, name: str, fakequant: torch.Tensor, integer: np.ndarray) -> np.ndarray:

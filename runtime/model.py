@@ -5,7 +5,7 @@
     codes = model.predict_int(images)                   # the int32 logits of the integer graph
     ort = runtime.load_onnx("artifacts/w4a4/llvm")      # the ONNX QDQ export under ONNX Runtime
 
-Errors (bad artifact, missing device, wrong image shape or dtype) raise `train.errors.DFQFError`.
+Errors (bad artifact, missing device, wrong image shape or dtype) raise `core.errors.DFQFError`.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import DFQFError
 from lower.artifact import LIBRARY, ONNX, load_graph, read_manifest
 from lower.graph import IntGraph
-from train.errors import DFQFError
 
 DEVICE_OF_TARGET = {"llvm": "cpu", "cuda": "cuda"}
 
@@ -25,7 +25,9 @@ class IntegerModel:
     """The integer graph of an artifact, compiled by TVM, on one device."""
 
     def __init__(self, artifact: str | Path, device: str | None = None) -> None:
-        from lower.tvm_build import load_executable, param_order  # TVM import is slow: only when used
+        from lower.params import param_order
+
+        from .executable import load_executable
 
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
@@ -62,8 +64,8 @@ class IntegerModel:
 
 def parallel_min_batch(graph: IntGraph) -> int:
     """The smallest batch whose average conv kernel call has `PARALLEL_MIN_MACS` (multi-threaded below that
-    is slower: `lower.tvm_build.IntegerExecutable`)."""
-    from lower.tvm_build import PARALLEL_MIN_MACS
+    is slower: `runtime.executable.IntegerExecutable`)."""
+    from .executable import PARALLEL_MIN_MACS
 
     macs = [m for name, m in graph.layer_macs().items() if graph.node(name).op == "conv2d"]
     return max(1, -(-PARALLEL_MIN_MACS // max(1, int(np.mean(macs))))) if macs else 1
@@ -73,7 +75,7 @@ class OnnxModel:
     """The artifact's ONNX QDQ export under ONNX Runtime (CPU)."""
 
     def __init__(self, artifact: str | Path, threads: int = 1) -> None:
-        from lower.onnx_export import ort_session
+        from .ort import ort_session
 
         self.path = Path(artifact)
         manifest = read_manifest(self.path)

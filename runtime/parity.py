@@ -15,17 +15,21 @@ import copy
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.cli import check_fields, cli_main, one_of, option, parse_options, positive
+from core.errors import DFQFError
+from core.files import write_json_atomic
+from core.paths import resolve_data_dir
+from core.pixels import normalize
 from lower.artifact import read_manifest
 from lower.reference import run_graph
-from train.artifacts import write_json_atomic
-from train.data import load_split, normalize, resolve_data_dir, subset
-from train.errors import CLIParser, DFQFError, cli_main, positive_int
+from train.data import load_split, subset
 from train.models import get_arch, load_teacher
 from train.student import load_student
 
@@ -58,11 +62,28 @@ class Tally:
         return round(self.agree[k] / self.n, 5) if k in self.agree and self.n else None
 
 
-def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | None = None, batch: int = 250,
-           student_path: Path | None = None, teacher_path: Path | None = None, onnx: bool = True,
-           log=lambda msg: None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ParityOptions:
+    """What `parity` compares (each field is also a flag of `python -m runtime.parity`)."""
+
+    artifact: Path = option(help="artifact folder from lower.compile", positional=True)
+    data_dir: Path | None = option(None, "folder with cifar10/ (default $DFQF_DATA_DIR)")
+    split: str = option("test", "evaluation split", check=one_of("test", "lossless932"))
+    limit: int | None = option(None, "a seeded subset of this many images", check=positive)
+    batch: int = option(250, "images per batch", check=positive)
+    student: Path | None = option(None, "student.pt (default: the one recorded in the manifest)")
+    teacher: Path | None = option(None, "FP teacher weights (default: the student's teacher)")
+    onnx: bool = option(True, "skip ONNX Runtime", flag="--no-onnx", switch=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
+    artifact, split, batch, teacher_path = o.artifact, o.split, o.batch, o.teacher
+    data_dir = resolve_data_dir(o.data_dir)
     manifest = read_manifest(artifact)
-    student_path = student_path or Path(manifest["student"]["path"])
+    student_path = o.student or Path(manifest["student"]["path"])
     if not student_path.is_file():
         raise DFQFError(f"the student {student_path} recorded in the manifest is not here: pass --student")
     student, ckpt = load_student(student_path)
@@ -76,18 +97,18 @@ def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | Non
     teacher = load_teacher(ckpt["arch"], teacher_path, **ckpt.get("arch_kwargs", {})).eval()
     info = get_arch(ckpt["arch"])
     model = load(artifact)
-    ort = load_onnx(artifact) if onnx and "model.onnx" in manifest["files"] else None
+    ort = load_onnx(artifact) if o.onnx and "model.onnx" in manifest["files"] else None
     g = model.graph
     x_all, y_all = load_split(data_dir, info.dataset, split)
-    if limit is not None:
-        x_all, y_all = subset(x_all, y_all, limit, 0)
+    if o.limit is not None:
+        x_all, y_all = subset(x_all, y_all, o.limit, 0)
     tally, diffs = Tally(), LayerDiffs(g)
     isolated: dict[str, int] = {}
     tvm_equal, t0 = True, time.perf_counter()
     mean, std = g.meta.get("mean", info.mean), g.meta.get("std", info.std)
     for start in range(0, len(x_all), batch):
         x, y = x_all[start:start + batch], np.asarray(y_all[start:start + batch])
-        xn = normalize(x, mean, std)
+        xn = normalize(x, mean, std).contiguous()
         with torch.no_grad():
             fp = teacher(xn).numpy()
         fq = fakequant_values(student, xn, set(diffs.names) | {g.output})
@@ -124,20 +145,9 @@ def parity(artifact: Path, data_dir: Path, split: str = "test", limit: int | Non
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    p = CLIParser(prog="python -m runtime.parity", description=__doc__.splitlines()[0])
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--data-dir", help="folder with cifar10/ (default $DFQF_DATA_DIR)")
-    p.add_argument("--split", default="test", choices=["test", "lossless932"])
-    p.add_argument("--limit", type=positive_int, help="a seeded subset of this many images")
-    p.add_argument("--batch", type=positive_int, default=250)
-    p.add_argument("--student", type=Path, help="student.pt (default: the one recorded in the manifest)")
-    p.add_argument("--teacher", type=Path, help="FP teacher weights (default: the student's teacher)")
-    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
-    args = p.parse_args(argv)
-    data_dir = resolve_data_dir(args.data_dir)
-    result = parity(args.artifact, data_dir, args.split, args.limit, args.batch, args.student, args.teacher,
-                    not args.no_onnx, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True))
-    write_json_atomic(result, args.artifact / "parity.json")
+    o = parse_options(ParityOptions, argv, "python -m runtime.parity", __doc__.splitlines()[0])
+    result = parity(o, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True))
+    write_json_atomic(result, o.artifact / "parity.json")
     print(json.dumps(result))
     return 0
 

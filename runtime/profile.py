@@ -13,17 +13,17 @@ the JSON of the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from train.errors import CLIParser, cli_main, positive_int
+from core.cli import check_fields, cli_main, option, parse_options, positive
 
 BUILTIN_PREFIXES = ("vm.builtin.", "shape_func")
 
@@ -96,7 +96,7 @@ def profile(artifact: Path, batch: int, repeat: int) -> dict[str, Any]:
         r["share"] = r["ms"] / total if total else 0.0
         r["gmac_s"] = r["macs"] / (r["ms"] * 1e-3) / 1e9 if r["macs"] and r["ms"] else None
         r["ms"] = round(r["ms"], 4)
-    from lower.tvm_build import cpu_threads
+    from .executable import cpu_threads
 
     # the threads the calls ran on: all of TVM's pool, or one for a batch below the parallel threshold
     return {"artifact": str(artifact), "batch": batch, "threads": cpu_threads(),
@@ -115,20 +115,22 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = CLIParser(prog="python -m runtime.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", type=Path, help="artifact folder from lower.compile (llvm target)")
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--threads", type=positive_int, default=1, help="TVM threads (set before TVM starts)")
-    p.add_argument("--repeat", type=positive_int, default=5, help="timed rounds per kernel (best is kept)")
-    return p
+@dataclass(frozen=True)
+class ProfileOptions:
+    artifact: Path = option(help="artifact folder from lower.compile (llvm target)", positional=True)
+    batch: int = option(1, "images per call", check=positive)
+    threads: int = option(1, "TVM threads (set before TVM starts)", check=positive)
+    repeat: int = option(5, "timed rounds per kernel (best is kept)", check=positive)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts (first kernel call)
-    report = profile(args.artifact, args.batch, args.repeat)
+    o = parse_options(ProfileOptions, argv, "python -m runtime.profile", __doc__.split("\n\n")[0])
+    os.environ["TVM_NUM_THREADS"] = str(o.threads)  # read when TVM's thread pool starts (first kernel call)
+    report = profile(o.artifact, o.batch, o.repeat)
     print(format_table(report), file=sys.stderr)
     print(json.dumps(report))
     return 0

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit import make_tiny_student
+
 SHARED_DATA_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -28,26 +30,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def make_tiny_student(wbits: int = 8, abits: int = 8, seed: int = 0):
-    """A calibrated fake-quant TinyNet student (16x16 input, 10 classes) and its ArchInfo: the standard
-    fixture for lowering tests. Calibrated with MSE ranges on seeded random pixels."""
-    import numpy as np
-    import torch
-
-    from train.data import normalize
-    from train.models import build_model, get_arch
-    from train.quant.calibrate import calibrate
-    from train.quant.convert import QuantConfig, quantize_model
-
-    info = get_arch("tinynet")
-    torch.manual_seed(seed)
-    student = quantize_model(build_model("tinynet").eval(), QuantConfig(wbits=wbits, abits=abits))
-    c, h, w = info.input_size
-    pixels = np.random.default_rng(seed).integers(0, 256, (64, h, w, c), dtype=np.uint8)
-    calibrate(student, [normalize(pixels, info.mean, info.std)], "mse")
-    return student, info
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""runtime.bench on a tiny artifact: the JSON report has its keys and positive timings, unavailable engines
+"""benchmarks.bench on a tiny artifact: the JSON report has its keys and positive timings, unavailable engines
 are reported instead of crashing, and bad input is one error line with exit code 2. Timing *values* are
 not asserted: they belong in benchmarks/results."""
 from __future__ import annotations
@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from lower.compile import compile_student
-from runtime.bench import graph_macs, int_list
+from core.cli import int_list
+from lower.compile import CompileOptions, compile_student
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -26,12 +25,12 @@ def tiny_artifact(tiny_students, tmp_path_factory) -> Path:
     student, _ = tiny_students(8, 8)
     path = tmp_path_factory.mktemp("bench") / "w8a8" / "student.pt"
     save_student(path, student, "tinynet", 10, QuantConfig(wbits=8, abits=8), method="minmax", data_free=True)
-    compile_student(path, "llvm", path.parent / "llvm")
+    compile_student(CompileOptions(path, "llvm", path.parent / "llvm"))
     return path.parent / "llvm"
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.bench", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -56,7 +55,7 @@ def test_bench_reports_every_engine(tiny_artifact):
 def test_graph_macs_counts_conv_and_dense():
     """Hand-counted: on the 3 x 8 x 8 input, a 3x3 conv to 8 channels at stride 2 (4 x 4 outputs), a grouped
     1x1 conv (2 groups) to 8 channels, and a dense 128 -> 10 after the reshape."""
-    from test_tvm_build import GraphMaker
+    from toolkit import GraphMaker
 
     m = GraphMaker(0)
     x = m.requantize("r1", [m.conv("c1", "q", 8, stride=(2, 2))])
@@ -64,12 +63,12 @@ def test_graph_macs_counts_conv_and_dense():
     m.dense("d", m.add("reshape", "flat", [x], {"shape": [128]}), 10)
     g = m.graph()
     assert g.layer_macs() == {"c1": 8 * 4 * 4 * 3 * 3 * 3, "c2": 8 * 4 * 4 * 4, "d": 10 * 128}
-    assert graph_macs(g) == 3456 + 512 + 1280
+    assert g.total_macs() == 3456 + 512 + 1280
 
 
 def _main_in_process(args: list[str], capsys) -> tuple[int, str, str]:
-    """runtime.bench's main in this process (no interpreter start-up): exit code, stdout, stderr."""
-    from runtime.bench import main
+    """benchmarks.bench's main in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from benchmarks.bench import main
 
     try:
         code = main(args)

@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from train.data import image_batches, load_split, normalize, resolve_data_dir, subset
-from train.errors import DFQFError
+from core.errors import DFQFError
+from core.paths import resolve_data_dir
+from core.pixels import normalize
+from train.data import image_batches, load_split, subset
 from train.evaluate import evaluate_top1, main
 
 REPO = Path(__file__).resolve().parents[1]

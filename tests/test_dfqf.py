@@ -120,7 +120,7 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     (["--resume"], "holds no run"),
     (["--config", "/nonexistent.json"], "cannot read --config"),
     (["--device", "tpu9"], "--device"),
-    (["--init-observer", "p99"], "init_observer"),
+    (["--init-observer", "p99"], "--init-observer"),
     (["--w-feat", "-1"], "w_feat"),
     (["--weights", "/nonexistent.pt"], "not found"),
 ])
@@ -179,14 +179,14 @@ def test_non_finite_loss_stops_with_a_resumable_checkpoint(tmp_path: Path, monke
     assert D.main([*TINY, "--checkpoint-every", "100", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: non-finite generator loss at step 2")
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (ckpt["stage"], ckpt["step"]) == ("generator", 2)  # the last good state
 
 
 def test_flip_and_shift_gives_flipped_windows_of_the_padded_image() -> None:
     import torch.nn.functional as F
 
-    from train.dfqf import flip_and_shift
+    from train.augment import flip_and_shift
 
     x = torch.randn(6, 3, 8, 8)
     a = flip_and_shift(x, torch.Generator().manual_seed(5), pad=2)
@@ -210,7 +210,7 @@ def test_smoke_run_with_augmentation_and_feature_distillation(tmp_path: Path) ->
 
 
 def test_ema_decay_from_half_life_fraction() -> None:
-    from train.dfqf import ema_decay
+    from train.ema import ema_decay
 
     assert ema_decay(0.0, 400) == 0.0
     d = ema_decay(0.05, 400)  # half-life 20 steps
@@ -224,9 +224,10 @@ def test_ema_student_follows_the_reference_recurrence_and_is_saved(
     ema_0 = calibrated student, ema_k = d*ema_{k-1} + (1-d)*student_k (float64 reference),
     with d from a half-life of 0.25 of the 12 student steps (3 steps)."""
     import train.dfqf as D
+    from train.ema import StudentEMA
 
     seen: dict[str, list] = {"reset": [], "update": []}
-    real_reset, real_update = D.StudentEMA.reset, D.StudentEMA.update
+    real_reset, real_update = StudentEMA.reset, StudentEMA.update
 
     def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().double() if v.is_floating_point() else v.clone()
@@ -240,8 +241,8 @@ def test_ema_student_follows_the_reference_recurrence_and_is_saved(
         seen["update"].append(snapshot(student))
         real_update(self, student)
 
-    monkeypatch.setattr(D.StudentEMA, "reset", reset)
-    monkeypatch.setattr(D.StudentEMA, "update", update)
+    monkeypatch.setattr(StudentEMA, "reset", reset)
+    monkeypatch.setattr(StudentEMA, "update", update)
     monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
     out = tmp_path / "run"
     assert D.main([*TINY, "--s-epochs", "3", "--s-ema", "0.25", "--out", str(out)]) == 0
@@ -265,7 +266,7 @@ def test_ema_student_follows_the_reference_recurrence_and_is_saved(
         else:
             assert torch.equal(v, ref[k]), k
     assert moved > 1e-4, "the saved student equals the last student: the average changed nothing"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["student_ema"] is not None
     for k, v in saved.state_dict().items():
         assert torch.equal(v, ckpt["student_ema"][k].cpu()), k
@@ -276,11 +277,12 @@ def test_real_data_ceiling_fine_tunes_on_shuffled_training_images(tmp_path: Path
     reported and saved as not data-free."""
     import numpy as np
 
-    from benchmarks.dfqf_ceiling import RealDataRun
+    from benchmarks.dfqf_ceiling import RealImages
     from benchmarks.dfqf_ceiling import main as ceiling_main
-    from train.dfqf import setup_distributed
+    from core.pixels import normalize
     from train.dfqf_config import resolve
-    from train.generator import from_uint8
+    from train.dfqf_job import Job
+    from train.distributed import setup_distributed
     from train.models import build_model
     from train.student import read_student
 
@@ -296,13 +298,13 @@ def test_real_data_ceiling_fine_tunes_on_shuffled_training_images(tmp_path: Path
     flags = ["--smoke", "--arch", "resnet20", "--weights", str(weights), "--data-dir", str(data), "--progress", "false"]
 
     cfg = resolve([*flags, "--synth-images", "24", "--out", str(tmp_path / "unit")])
-    run = RealDataRun(cfg, setup_distributed("cpu"))
-    real = run.synthesize()
+    run = Job(cfg, setup_distributed("cpu"), RealImages())
+    real = run.source.draw(run)
     rows = [int(np.flatnonzero((train_x == im.numpy()).all(axis=(1, 2, 3)))[0]) for im in real["images"]]
     assert len(set(rows)) == 24 and rows != sorted(rows)  # distinct rows, not the class-sorted first ones
     assert torch.equal(real["labels"], torch.from_numpy(train_y[rows]).long())
     with torch.no_grad():
-        expected = run.teacher(from_uint8(real["images"], run.info.mean, run.info.std))
+        expected = run.teacher(normalize(real["images"], run.info.mean, run.info.std))
     torch.testing.assert_close(real["teacher_logits"], expected)
 
     out = tmp_path / "ceiling"

@@ -6,9 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from train.generator import Generator, from_uint8, to_uint8
-from train.losses import (BNStatsHook, GeneratorLossWeights, adversarial_loss, entropy, generator_loss,
-                          inception_score_loss, kd_loss)
+from core.pixels import normalize
+from train.generator import Generator, to_uint8
+from train.losses import (
+    BNStatsHook,
+    GeneratorLossWeights,
+    adversarial_loss,
+    entropy,
+    generator_loss,
+    inception_score_loss,
+    kd_loss,
+)
 from train.models.registry import CIFAR_MEAN, CIFAR_STD
 from train.models.tiny import TinyNet
 
@@ -67,7 +75,7 @@ def test_uint8_round_trip_is_within_half_a_level() -> None:
     pixels = torch.rand(3, 3, 8, 8)
     u8 = to_uint8(pixels)
     assert u8.dtype == torch.uint8 and u8.shape == (3, 8, 8, 3)
-    back = from_uint8(u8, CIFAR_MEAN, CIFAR_STD)
+    back = normalize(u8, CIFAR_MEAN, CIFAR_STD)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     ref = (pixels - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / std
     assert ((back - ref).abs() <= 0.5 / 255 / std + 1e-6).all()
@@ -78,7 +86,7 @@ def test_uint8_round_trip_is_within_half_a_level() -> None:
     ties = torch.tensor([0.5, 0.25, 0.75]).view(1, 3, 1, 1)  # ·255 = 127.5, 63.75, 191.25
     assert to_uint8(ties).flatten().tolist() == [128, 64, 191]
     g = Generator(10, (3, 16, 16), CIFAR_MEAN, CIFAR_STD, latent_dim=8)
-    torch.testing.assert_close(from_uint8(to_uint8(grid), CIFAR_MEAN, CIFAR_STD), g.normalize(grid), atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalize(to_uint8(grid), CIFAR_MEAN, CIFAR_STD), g.normalize(grid), atol=1e-6, rtol=0)
 
 
 def test_entropy_and_inception_score_loss() -> None:
@@ -89,9 +97,9 @@ def test_entropy_and_inception_score_loss() -> None:
     uniform = torch.zeros(10, 10)
     confident_one_class = torch.zeros(10, 10)
     confident_one_class[:, 3] = 20
-    best = inception_score_loss(confident_balanced).item()
-    assert best < inception_score_loss(uniform).item()
-    assert best < inception_score_loss(confident_one_class).item()
+    best = inception_score_loss(confident_balanced, 40.0).item()
+    assert best < inception_score_loss(uniform, 40.0).item()
+    assert best < inception_score_loss(confident_one_class, 40.0).item()
 
 
 def _conv_bn(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -199,7 +207,7 @@ def test_generator_loss_skips_disabled_terms_and_training_lowers_bn_term() -> No
     for p in teacher.parameters():
         p.requires_grad_(False)
     g = Generator(10, (3, 16, 16), CIFAR_MEAN, CIFAR_STD, latent_dim=16, base_channels=32)
-    weights = GeneratorLossWeights(inception=0.0, bn=1.0, adversarial=0.0)
+    weights = GeneratorLossWeights(inception=0.0, bn=1.0, adversarial=0.0, ce=0.0)
     opt = torch.optim.Adam(g.parameters(), lr=5e-3)
     history = []
     for step in range(40):
@@ -225,7 +233,7 @@ def test_disabled_terms_stay_out_of_the_graph() -> None:
         weights = GeneratorLossWeights(inception=1.0, bn=0.0, adversarial=0.0, ce=0.0)
         loss, terms = generator_loss(weights, t, student_logits, hook, bad_labels)
         assert set(terms) == {"is", "total"} and hook.records == []  # bn skipped, but the hook is cleared
-        assert terms["total"] == pytest.approx(inception_score_loss(t).item())
+        assert terms["total"] == pytest.approx(inception_score_loss(t, weights.balance).item())
         loss.backward()
         assert student_logits.grad is None
         # the same call with the adversarial term on does reach the student logits

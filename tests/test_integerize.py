@@ -13,13 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import DFQFError
+from core.pixels import normalize
 from lower import reference as R
 from lower.artifact import PARAMS, load_graph, read_manifest, stored_params, write_artifact
 from lower.int4 import pack_int4, unpack_int4
-from lower.integerize import integerize, joint_dyadic, supported_ops
+from lower.integerize import integerize, supported_ops
 from runtime.compare import LayerDiffs, fakequant_values, isolated_layer_diffs
-from train.data import normalize
-from train.errors import DFQFError
+from train.quant.primitives import joint_dyadic
 
 
 # -- reference ops against direct loops -------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_integer_graph_matches_fakequant_student(tiny_students, bits):
     ints: dict[str, np.ndarray] = {}
     out = R.run_graph(g, px, observe=ints.__setitem__)
     diffs = LayerDiffs(g)
-    fq_values = fakequant_values(student, normalize(px, info.mean, info.std), set(diffs.names))
+    fq_values = fakequant_values(student, normalize(px, info.mean, info.std).contiguous(), set(diffs.names))
     diffs.update(fq_values, ints)
     report = diffs.report()
     assert report["input_aq"]["max_lsb"] == 0  # the pixel lookup table is exact
@@ -149,7 +150,7 @@ def test_integer_graph_matches_fakequant_student(tiny_students, bits):
     isolated = isolated_layer_diffs(g, fq_values, px)
     assert set(isolated) == set(diffs.names) and max(isolated.values()) <= 1, isolated
     with torch.no_grad():
-        fq = student(normalize(px, info.mean, info.std)).double().numpy()
+        fq = student(normalize(px, info.mean, info.std).contiguous()).double().numpy()
     logits = out * g.output_scale
     # end to end, one-code flips propagate; on this random untrained net logits are close to tied, so
     # argmax agreement is loose here (benchmarks/ and runtime.parity measure it on trained ResNets)

@@ -6,7 +6,6 @@ exactly (in float64 on float32 quotients, or with fractions.Fraction) — never 
 from __future__ import annotations
 
 import dataclasses
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from toolkit import frac_round_half_up
 from train.quant import primitives as P
 from train.quant.spec import QuantSpec, activation_spec, input_spec, weight_spec
 
@@ -57,15 +57,6 @@ def ref_dequantize(q, s, z, axis: int = 0) -> np.ndarray:
     q = np.asarray(q, dtype=np.int64)
     k = (q - ref_shape(np.asarray(z, dtype=np.int64), q.ndim, axis)).astype(np.float32)  # small ints: exact
     return ref_shape(np.asarray(s, dtype=np.float32), q.ndim, axis) * k
-
-
-def ref_requantize(acc: int, m0: int, n: int, zp: int, qmin: int, qmax: int) -> int:
-    rounding = (1 << (n - 1)) if n > 0 else 0
-    return min(max(zp + ((acc * m0 + rounding) >> n), qmin), qmax)
-
-
-def frac_round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,110 +318,6 @@ def test_choose_qparams_per_channel() -> None:
     s, z = P.choose_qparams(lo, hi, spec)
     np.testing.assert_allclose(s.numpy(), np.array([1.0, 2.0, 0.7, 3.0]) / 7, rtol=1e-6)
     assert z.tolist() == [0, 0, 0, 0]
-
-
-# ---------------------------------------------------------------------------------------------------
-# dyadic multipliers and integer requantization
-# ---------------------------------------------------------------------------------------------------
-@given(m=st.floats(1e-9, 100.0))
-@settings(deadline=None, max_examples=200)
-def test_dyadic_multiplier_precision(m: float) -> None:
-    m0, n = P.dyadic_multiplier(m)
-    m0, n = int(m0), int(n)
-    assert 2**30 <= m0 < 2**31
-    assert 0 <= n <= 62
-    err = abs(Fraction(m0, 2**n) - Fraction(m)) / Fraction(m)
-    assert err <= Fraction(1, 2**31)
-
-
-def test_dyadic_multiplier_arrays_and_exact_powers() -> None:
-    m = np.array([[0.5, 0.25], [1.0, 3.0]])
-    m0, n = P.dyadic_multiplier(m)
-    assert m0.shape == m.shape and n.shape == m.shape
-    assert m0.dtype == np.int64 and n.dtype == np.int64
-    for mi, a, b in zip(m.flat, m0.flat, n.flat):
-        assert Fraction(int(a), 2 ** int(b)) == Fraction(mi)  # exact for dyadic inputs
-    # a multiplier whose mantissa rounds up to 2^31 carries into the exponent
-    m0, n = P.dyadic_multiplier(1 - 2.0**-40)
-    assert int(m0) == 2**30 and int(n) == 30
-
-
-@pytest.mark.parametrize("bad", [0.0, -1.0, -1e-9, float("nan"), float("inf"), -float("inf"), 2.0**31])
-def test_dyadic_multiplier_rejects(bad: float) -> None:
-    with pytest.raises(ValueError):
-        P.dyadic_multiplier(bad)
-    with pytest.raises(ValueError):
-        P.dyadic_multiplier(np.array([0.5, bad]))
-
-
-INT32 = st.integers(-(2**31), 2**31 - 1)
-M0 = st.integers(0, 2**31 - 1)
-SHIFT = st.integers(0, 62)
-
-
-@st.composite
-def out_range(draw):
-    bits, signed = draw(BITS), draw(st.booleans())
-    spec = QuantSpec(bits=bits, signed=signed)
-    zp = 0 if signed else draw(st.integers(spec.qmin, spec.qmax))
-    return zp, spec.qmin, spec.qmax
-
-
-@given(acc=st.lists(INT32, min_size=1, max_size=30), m0=M0, n=SHIFT, rng=out_range())
-@settings(deadline=None, max_examples=150)
-def test_requantize_per_tensor(acc: list[int], m0: int, n: int, rng) -> None:
-    zp, qmin, qmax = rng
-    got = P.requantize(torch.tensor(acc, dtype=torch.int32), torch.tensor(m0), torch.tensor(n), zp, qmin, qmax, axis=0)
-    assert got.dtype == torch.int64
-    assert got.tolist() == [ref_requantize(a, m0, n, zp, qmin, qmax) for a in acc]
-
-
-@given(acc=st.lists(INT32, min_size=1, max_size=30), m0=M0, n=SHIFT)
-@settings(deadline=None, max_examples=150)
-def test_requantize_is_round_half_up_of_exact_product(acc: list[int], m0: int, n: int) -> None:
-    big = 2**62  # no clamping: the raw rounding
-    got = P.requantize(torch.tensor(acc, dtype=torch.int64), torch.tensor(m0), torch.tensor(n), 0, -big, big, axis=0)
-    assert got.tolist() == [frac_round_half_up(Fraction(a * m0, 2**n)) for a in acc]
-
-
-@given(data=st.data(), rng=out_range())
-@settings(deadline=None, max_examples=80)
-def test_requantize_per_channel_nchw(data, rng) -> None:
-    zp, qmin, qmax = rng
-    shape = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3)),
-             data.draw(st.integers(1, 3)))
-    c = shape[1]
-    acc = data.draw(hnp.arrays(np.int64, shape, elements=INT32))
-    m0 = data.draw(st.lists(M0, min_size=c, max_size=c))
-    n = data.draw(st.lists(SHIFT, min_size=c, max_size=c))
-    got = P.requantize(torch.from_numpy(acc.astype(np.int32)), torch.tensor(m0), torch.tensor(n), zp, qmin, qmax,
-                       axis=1).numpy()
-    want = np.empty(shape, dtype=np.int64)
-    for idx in np.ndindex(*shape):
-        ch = idx[1]
-        want[idx] = ref_requantize(int(acc[idx]), m0[ch], n[ch], zp, qmin, qmax)
-    np.testing.assert_array_equal(got, want)
-
-
-def test_requantize_extreme_accumulators_do_not_overflow() -> None:
-    acc = torch.tensor([-(2**31), 2**31 - 1, -1, 0, 1])
-    m0, n = 2**31 - 1, 62
-    got = P.requantize(acc, torch.tensor(m0), torch.tensor(n), 0, -(2**62), 2**62, axis=0).tolist()
-    assert got == [frac_round_half_up(Fraction(int(a) * m0, 2**n)) for a in acc.tolist()]
-    got0 = P.requantize(acc, torch.tensor(m0), torch.tensor(0), 0, -(2**62), 2**62, axis=0).tolist()
-    assert got0 == [int(a) * m0 for a in acc.tolist()]
-
-
-@given(m=st.floats(1e-6, 10.0), acc=st.lists(st.integers(-(2**20), 2**20), min_size=1, max_size=20))
-@settings(deadline=None, max_examples=60)
-def test_dyadic_requantize_approximates_real_multiplier(m: float, acc: list[int]) -> None:
-    """requantize(acc, dyadic(m)) is round-half-up of acc*m, up to the dyadic error (at most 1 LSB off)."""
-    m0, n = P.dyadic_multiplier(m)
-    big = 2**62
-    got = P.requantize(torch.tensor(acc), torch.tensor(int(m0)), torch.tensor(int(n)), 0, -big, big, axis=0).tolist()
-    for a, g in zip(acc, got):
-        exact = Fraction(a) * Fraction(m)
-        assert abs(g - exact) <= Fraction(1, 2) + abs(exact) / 2**31
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lower.compile import compile_student
+from core.errors import DFQFError
+from lower.compile import CompileOptions, compile_student
 from lower.reference import run_graph
 from runtime import load, load_onnx
-from train.errors import DFQFError
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -31,7 +31,7 @@ def artifacts(tiny_students, tmp_path_factory) -> dict[str, Path]:
         path = root / f"w{bits[0]}a{bits[1]}" / "student.pt"
         save_student(path, student, "tinynet", 10, QuantConfig(wbits=bits[0], abits=bits[1]), method="minmax",
                      data_free=True)
-        compile_student(path, "llvm", path.parent / "llvm")
+        compile_student(CompileOptions(path, "llvm", path.parent / "llvm"))
         out[f"w{bits[0]}a{bits[1]}"] = path.parent / "llvm"
     return out
 
@@ -116,7 +116,7 @@ def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
     teacher = shared_data / "teachers" / "resnet20_cifar10_jpeg.pt"
     r = _cli("train.ptq", "--method", "dfq", "--weights", str(teacher), "--out", str(tmp_path / "ptq"))
     assert r.returncode == 0, r.stderr
-    compile_student(tmp_path / "ptq" / "student.pt", "llvm", tmp_path / "art")
+    compile_student(CompileOptions(tmp_path / "ptq" / "student.pt", "llvm", tmp_path / "art"))
     r = _cli("runtime.parity", str(tmp_path / "art"), "--data-dir", str(shared_data), "--limit", "100")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -150,7 +150,8 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
     # the kernel's lanes (16 VNNI, 8 AVX2) and input channels padded to 4; nothing else is counted
     g = model.graph
     expected = 0
-    lanes = {"x86_vnni": 16, "x86_avx2": 8}.get(select_schedules("llvm", make_target("llvm")))
+    chosen = select_schedules("llvm", make_target("llvm"))
+    lanes = {"x86_vnni": 16, "x86_avx2": 8}.get(chosen.name if chosen else None)
     if lanes:
         for node in g.nodes:
             if node.op == "conv2d" and supports(node, g.tensors[node.inputs[0]].dtype):
@@ -172,7 +173,7 @@ def test_small_batches_run_on_one_thread_with_identical_results(artifacts) -> No
     script = f"""
 import json, numpy as np
 from lower.reference import run_graph
-from lower.tvm_build import cpu_threads
+from runtime.executable import cpu_threads
 from runtime import load
 model = load({str(artifacts["w8a8"])!r})
 ex = model.executable

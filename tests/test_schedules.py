@@ -8,12 +8,21 @@ import numpy as np
 import pytest
 import tvm
 
+from core.errors import DFQFError
 from lower import tvm_build as tb
 from lower.reference import run_graph
-from lower.schedules import x86_avx2, x86_vnni
+from lower.schedules import SCHEDULE_SETS, x86_avx2, x86_vnni
+from lower.schedules.x86_conv import ConvShape
 from lower.targets import NO_SCHEDULES, make_target, select_schedules
-from test_tvm_build import BATCHES, C, H, W, GraphMaker
-from train.errors import DFQFError
+from runtime.executable import run_executable
+from toolkit import GraphMaker, all_ops_graph, assert_exact
+
+VNNI, AVX2 = SCHEDULE_SETS["x86_vnni"], SCHEDULE_SETS["x86_avx2"]
+
+
+def selected(*args, **kwargs) -> str | None:
+    chosen = select_schedules(*args, **kwargs)
+    return None if chosen is None else chosen.name
 
 HOST_VNNI = bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], make_target("llvm")))
 requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512vnni")
@@ -21,16 +30,16 @@ requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512v
 
 # -- selection: data in lower.targets, decided by the target's features ------------------------------------
 def test_selection_follows_target_features():
-    assert select_schedules("llvm", make_target("llvm", mcpu="znver4")) == "x86_vnni"
-    assert select_schedules("llvm", make_target("llvm", mcpu="cascadelake")) == "x86_vnni"
-    assert select_schedules("llvm", make_target("llvm", mcpu="haswell")) == "x86_avx2"
-    assert select_schedules("llvm", make_target("llvm", mcpu="znver4"), NO_SCHEDULES) is None
-    assert select_schedules("cuda", make_target("cuda")) is None
+    assert selected("llvm", make_target("llvm", mcpu="znver4")) == "x86_vnni"
+    assert selected("llvm", make_target("llvm", mcpu="cascadelake")) == "x86_vnni"
+    assert selected("llvm", make_target("llvm", mcpu="haswell")) == "x86_avx2"
+    assert selected("llvm", make_target("llvm", mcpu="znver4"), NO_SCHEDULES) is None
+    assert selected("cuda", make_target("cuda")) is None
 
 
 def test_selection_with_injected_features():
     target = make_target("llvm", mcpu="haswell")
-    assert select_schedules("llvm", target, has_features=lambda f: set(f) <= {"avx512vnni"}) == "x86_vnni"
+    assert selected("llvm", target, has_features=lambda f: set(f) <= {"avx512vnni"}) == "x86_vnni"
     with pytest.raises(DFQFError, match="needs avx512vnni"):
         select_schedules("llvm", target, "x86_vnni")
     with pytest.raises(DFQFError, match="no schedule set 'nope'"):
@@ -48,21 +57,8 @@ def test_supports_checks_exactness_bounds():
 
 
 # -- exactness of the scheduled conv ---------------------------------------------------------------------------
-def _assert_exact(g, **compile_options) -> None:
-    """The compiled graph equals the NumPy reference at every batch size, extreme pixels included."""
-    ex = tb.compile_graph(g, "llvm", **compile_options)
-    run = tb.IntegerExecutable(ex.mod, tvm.cpu())
-    params = run.upload(tb.pack_params(g))
-    rng = np.random.default_rng(7)
-    for batch in BATCHES:
-        x = rng.integers(0, 256, (batch, H, W, C), dtype=np.uint8)
-        x[0, :2] = 0
-        x[-1, -2:] = 255
-        np.testing.assert_array_equal(run(x, params), run_graph(g, x))
-
-
 def _assert_exact_vnni(g) -> None:
-    _assert_exact(g, mcpu="znver4")
+    assert_exact(g, mcpu="znver4")
 
 
 # input dtype and zero point, conv options: signed/unsigned inputs, strides, dilation, 1x1, int4 weights
@@ -86,7 +82,7 @@ def _conv_pair(input_dtype, zp, kw, second_out: int):
 @CONV_CASES
 def test_vnni_conv_matches_reference(input_dtype, zp, kw):
     g = _conv_pair(input_dtype, zp, kw, 16)
-    assert "vnni" in tb.build_relax(g, "x86_vnni").script()
+    assert "vnni" in tb.build_relax(g, VNNI).script()
     _assert_exact_vnni(g)
 
 
@@ -115,7 +111,7 @@ def _fusion_graph(input_dtype: str, input_zp: int, dtype: str, per_channel: bool
     return m.graph()
 
 
-def _assert_fused_kernels(g, schedules: str, suffix: str) -> None:
+def _assert_fused_kernels(g, schedules, suffix: str) -> None:
     kernels = {gv.name_hint.removesuffix(suffix): [p.name for p in f.params]
                for gv, f in tb.build_relax(g, schedules).functions_items() if gv.name_hint.endswith(suffix)}
     assert set(kernels) == {"c0", "c1", "c2", "c3", "c4"}  # c5's kernel is c4's (BlockBuilder dedups it)
@@ -128,7 +124,7 @@ def test_conv_requantize_fused_into_one_kernel(dtype, per_channel):
     """A conv whose only consumer is a requantize runs as one kernel with the requantize as its epilogue
     (residual terms included, any zero points); pairs the epilogue cannot take fall back to two ops."""
     g = _fusion_graph("uint8", 7, dtype, per_channel)
-    _assert_fused_kernels(g, "x86_vnni", "_conv2d_vnni")
+    _assert_fused_kernels(g, VNNI, "_conv2d_vnni")
     _assert_exact_vnni(g)
 
 
@@ -143,8 +139,6 @@ def test_register_tile_fits_the_accumulators():
 
 def test_default_loops_match_reference():
     """The NHWC-internal lowering with TVM's default loops (hosts without a schedule set), every op."""
-    from test_tvm_build import all_ops_graph, assert_exact
-
     g = all_ops_graph(1)
     assert_exact(g, tb.compile_graph(g, "llvm", schedules=NO_SCHEDULES))
 
@@ -157,22 +151,22 @@ AVX2_CPU = "haswell"
 
 def test_selection_falls_back_to_avx2():
     target = make_target("llvm", mcpu=AVX2_CPU)
-    assert select_schedules("llvm", target, has_features=lambda f: set(f) <= {"avx2"}) == "x86_avx2"
-    assert select_schedules("llvm", target, has_features=lambda f: not f) is None
-    assert select_schedules("llvm", target, "x86_avx2") == "x86_avx2"
+    assert selected("llvm", target, has_features=lambda f: set(f) <= {"avx2"}) == "x86_avx2"
+    assert selected("llvm", target, has_features=lambda f: not f) is None
+    assert selected("llvm", target, "x86_avx2") == "x86_avx2"
     with pytest.raises(DFQFError, match="needs avx2"):
         select_schedules("llvm", make_target("llvm", mcpu="nehalem"), "x86_avx2")
 
 
 def _assert_exact_avx2(g) -> None:
-    _assert_exact(g, schedules="x86_avx2", mcpu=AVX2_CPU)
+    assert_exact(g, schedules="x86_avx2", mcpu=AVX2_CPU)
 
 
 @requires_avx2
 @CONV_CASES
 def test_avx2_conv_matches_reference(input_dtype, zp, kw):
     g = _conv_pair(input_dtype, zp, kw, 12)  # 12 outputs: a padded 8-channel block in the unfused kernel
-    assert "conv2d_avx2" in tb.build_relax(g, "x86_avx2").script()
+    assert "conv2d_avx2" in tb.build_relax(g, AVX2).script()
     _assert_exact_avx2(g)
 
 
@@ -182,7 +176,7 @@ def test_avx2_conv_requantize_fused(dtype, per_channel):
     """As test_conv_requantize_fused_into_one_kernel, with 8-channel blocks, int8 inputs, a strided first
     conv and an int4 conv: residuals of 20 channels (not a multiple of 8) fall back to two ops."""
     g = _fusion_graph("int8", -7, dtype, per_channel, stride=(2, 2), c3_bits=4)
-    _assert_fused_kernels(g, "x86_avx2", "_conv2d_avx2")
+    _assert_fused_kernels(g, AVX2, "_conv2d_avx2")
     _assert_exact_avx2(g)
 
 
@@ -192,11 +186,11 @@ def test_avx2_tiny_network_matches_reference(tiny_students):
 
     student, info = tiny_students(8, 8)
     g = integerize(student, info.mean, info.std, info.input_size)
-    assert any(gv.name_hint.endswith("_conv2d_avx2") for gv, _ in tb.build_relax(g, "x86_avx2").functions_items())
+    assert any(gv.name_hint.endswith("_conv2d_avx2") for gv, _ in tb.build_relax(g, AVX2).functions_items())
     ex = tb.compile_graph(g, "llvm", schedules="x86_avx2", mcpu=AVX2_CPU)
     c, h, w = info.input_size
     x = np.random.default_rng(3).integers(0, 256, (3, h, w, c), dtype=np.uint8)
-    np.testing.assert_array_equal(tb.run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
+    np.testing.assert_array_equal(run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
 
 
 def test_avx2_register_tile_fits_the_accumulators():
@@ -250,16 +244,17 @@ def test_kernel_pads_its_input_itself(family, in_dtype, zp, padding, stride, dil
     x = rng.integers(lo, hi, (n, h, w, cin)).astype(in_dtype)
     wt = rng.integers(-128, 128, (o, cin, kh, kw)).astype(np.int8)
     batch = tvm.tirx.Var("n", "int64")
+    shape = ConvShape((h, w), padding, cin, in_dtype, o // (16 if family == "vnni" else 8), (kh, kw), stride, dilation)
     if family == "vnni":
         zp_u = zp + (128 if in_dtype == "int8" else 0)
-        func = x86_vnni.conv2d_nhwc_u8s8(batch, (h, w), padding, cin, in_dtype, o // 16, (kh, kw), stride, dilation)
+        func = x86_vnni.conv2d_nhwc_u8s8(batch, shape)
         packed = wt.reshape(o // 16, 16, cin // 4, 4, kh, kw).transpose(0, 4, 5, 2, 1, 3)
         u = x.astype(np.int64) + (128 if in_dtype == "int8" else 0)
         expect = _padded_conv(u, wt, padding, stride, dilation, zp_u)
         got = _run_kernel(func, make_target("llvm", mcpu="znver4"), x, np.array([zp_u], np.int32),
                           np.ascontiguousarray(packed))
     else:
-        func = x86_avx2.conv2d_nhwc_s16(batch, (h, w), padding, cin, in_dtype, o // 8, (kh, kw), stride, dilation)
+        func = x86_avx2.conv2d_nhwc_s16(batch, shape)
         packed = wt.astype(np.int16).reshape(o // 8, 8, cin // 4, 2, 2, kh, kw).transpose(0, 5, 6, 2, 3, 1, 4)
         expect = _padded_conv(x.astype(np.int64) - zp, wt, padding, stride, dilation, 0)
         got = _run_kernel(func, make_target("llvm", mcpu=AVX2_CPU), x, np.array([zp], np.int32),

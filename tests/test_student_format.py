@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.errors import DFQFError
+from core.errors import DFQFError
+from core.files import atomic_torch_save
 from train.models.tiny import TinyNet
 from train.quant.calibrate import calibrate
 from train.quant.convert import QuantConfig, quantize_model
 from train.quant.modules import ActQuantizer, WeightQuantizer
 from train.quant.spec import QuantSpec
-from train.artifacts import atomic_torch_save
 from train.student import FORMAT, VERSION, load_student, quantizer_table, read_student, save_student
 
 PLAIN = (str, int, float, bool, type(None))
@@ -222,7 +222,7 @@ def test_atomic_save_failure_keeps_old_file_and_no_temp(tmp_path: Path) -> None:
 
 
 def test_atomic_save_failure_during_fsync(tmp_path: Path, monkeypatch) -> None:
-    import train.artifacts as S
+    import core.files as S
 
     def boom(fd: int) -> None:
         raise OSError("disk full")
@@ -236,7 +236,7 @@ def test_atomic_save_failure_during_fsync(tmp_path: Path, monkeypatch) -> None:
 def test_write_json_atomic_round_trips_and_leaves_no_temp(tmp_path: Path) -> None:
     import json
 
-    from train.artifacts import write_json_atomic
+    from core.files import write_json_atomic
 
     write_json_atomic({"a": [1, 2.5, None]}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2.5, None]}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.errors import DFQFError
+from core.errors import DFQFError
 from train.models import ARCHS, build_model, load_teacher, resolve_weights
 from train.models.registry import read_state_dict
 

@@ -2,7 +2,6 @@
 artifact, reusable, and never a change in the integers the model computes."""
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -13,15 +12,15 @@ import pytest
 import tvm
 from tvm_ffi import structural_equal
 
+from core.errors import DFQFError
 from lower import tune as tuner
 from lower import tvm_build as tb
-from lower.compile import compile_student
+from lower.compile import CompileOptions, compile_student
 from lower.reference import run_graph
 from lower.schedules import x86_vnni
-from lower.schedules.x86_conv import KernelRequest
+from lower.schedules.x86_conv import ConvShape, KernelRequest
 from lower.targets import make_target, select_schedules
 from runtime import load
-from train.errors import DFQFError, positive_float
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -33,8 +32,8 @@ requires_schedules = pytest.mark.skipif(SCHEDULES is None, reason="host has no h
 def _request(in_hw, cin, out_blocks, kernel=(3, 3), stride=(1, 1)) -> KernelRequest:
     """A request for a kernel on the unpadded input `in_hw` padded by 1 (3x3) or 0 (1x1)."""
     padding = tuple((k - 1) // 2 for k in kernel)
-    return KernelRequest(x86_vnni.FAMILY, (in_hw, padding, cin, "uint8", out_blocks, kernel, stride, (1, 1)), None,
-                         ["c"])
+    return KernelRequest(x86_vnni.FAMILY, ConvShape(in_hw, padding, cin, "uint8", out_blocks, kernel, stride, (1, 1)),
+                         None, ["c"])
 
 
 @pytest.mark.parametrize("in_hw,out_blocks,kernel,stride", [
@@ -59,7 +58,7 @@ def tuned(tiny_students, tmp_path_factory) -> Path:
     student, _ = tiny_students(8, 8)
     path = tmp_path_factory.mktemp("tune") / "student.pt"
     save_student(path, student, "tinynet", 10, QuantConfig(wbits=8, abits=8), method="minmax", data_free=True)
-    compile_student(path, "llvm", path.parent / "tuned", onnx=False, tune=3.0)
+    compile_student(CompileOptions(path, "llvm", path.parent / "tuned", onnx=False, tune=3.0))
     return path.parent / "tuned"
 
 
@@ -102,14 +101,14 @@ def test_given_tuning_file_is_applied_and_stays_exact(tuned, tmp_path: Path):
     assert built
     for r in requests.values():  # every kernel in the module is the (1, 1)-tiled one, not the default
         def kernel(tile):
-            return r.family.kernel(tvm.tirx.Var("n", "int64"), *r.args, epilogue=r.epilogue, tile=tile).body
+            return r.family.kernel(tvm.tirx.Var("n", "int64"), r.shape, epilogue=r.epilogue, tile=tile).body
 
         assert any(structural_equal(f.body, kernel((1, 1)), map_free_vars=True) for f in built)
         if tuner.default_tile(r) != (1, 1):
             assert not any(structural_equal(f.body, kernel(None), map_free_vars=True) for f in built)
 
     out = tmp_path / "art"
-    compile_student(tuned.parent / "student.pt", "llvm", out, onnx=False, tuning=forced)
+    compile_student(CompileOptions(tuned.parent / "student.pt", "llvm", out, onnx=False, tuning=forced))
     applied = json.loads((out / "tuning.json").read_text())["kernels"]
     assert set(applied) == set(requests)
     assert all(e["tile"] == [1, 1] and e["status"] == "from file" for e in applied.values())
@@ -143,7 +142,7 @@ def test_tune_without_hand_scheduled_kernels_does_nothing(tiny_students, tmp_pat
     path = tmp_path / "student.pt"
     save_student(path, student, "tinynet", 10, QuantConfig(wbits=8, abits=8), method="minmax", data_free=True)
     logs: list[str] = []
-    manifest = compile_student(path, "llvm", tmp_path / "art", onnx=False, schedules="none", tune=1.0,
+    manifest = compile_student(CompileOptions(path, "llvm", tmp_path / "art", onnx=False, schedules="none", tune=1.0),
                                log=logs.append)
     assert "tuning.json" not in manifest["files"] and "tuning" not in manifest
     assert any("nothing to tune" in line for line in logs)
@@ -159,7 +158,12 @@ def test_no_budget_keeps_every_default_tile(tuned):
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "soon"])
-def test_tune_budget_must_be_a_finite_positive_number(text):
-    with pytest.raises(argparse.ArgumentTypeError, match="positive number"):
-        positive_float(text)
-    assert positive_float("2.5") == 2.5
+def test_tune_budget_must_be_a_finite_positive_number(text, tmp_path, capsys):
+    from lower.compile import main
+
+    try:
+        code = main([str(tmp_path / "student.pt"), "--tune", text])
+    except SystemExit as e:  # argparse: not a number
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "tune" in err[0], err

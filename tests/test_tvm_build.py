@@ -10,113 +10,14 @@ import numpy as np
 import pytest
 import tvm
 
+from core.errors import DFQFError
+from lower import cuda, targets
 from lower import tvm_build as tb
-from lower.graph import OPS, IntGraph, Node, TensorInfo
+from lower.graph import OPS
 from lower.int4 import unpack_int4
-from lower.reference import _run_node, run_graph
-from train.errors import DFQFError
-
-H, W, C = 8, 8, 3
-BATCHES = (1, 3)
-
-
-class GraphMaker:
-    """Builds a valid IntGraph node by node; each node's shape comes from running the reference on a sample."""
-
-    def __init__(self, seed: int = 0, out_dtype: str = "uint8", zero_point: int = 5) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[Node] = []
-        self.tensors: dict[str, TensorInfo] = {}
-        self.sample = {"px": self.rng.integers(0, 256, (2, H, W, C), dtype=np.uint8)}
-        info = TensorInfo((C, H, W), out_dtype, 8, out_dtype == "int8", (0.02,), zero_point)
-        lo, hi = info.qrange
-        self.add("quantize_input", "q", ["px"], {}, {"lut": self.rng.integers(lo, hi + 1, (C, 256)).astype(np.int32)},
-                 info)
-
-    def add(self, op: str, name: str, inputs: list[str], attrs: dict, params: dict | None = None,
-            info: TensorInfo | None = None, dtype: str | None = None, zero_point: int | None = None) -> str:
-        """Append a node; by default its TensorInfo is its first input's (same grid), or int32 if dtype says so."""
-        node = Node(op, name, tuple(inputs), attrs, params or {})
-        y = _run_node(node, [self.sample[i] for i in inputs])
-        if info is None:
-            src = self.tensors[inputs[0]]
-            dtype = dtype or src.dtype
-            bits = 32 if dtype == "int32" else 8
-            zp = src.zero_point if zero_point is None else zero_point
-            info = TensorInfo(tuple(y.shape[1:]), dtype, bits, dtype != "uint8", src.scale, zp)
-        else:
-            info = TensorInfo(tuple(y.shape[1:]), info.dtype, info.bits, info.signed, info.scale, info.zero_point)
-        self.nodes.append(node)
-        self.tensors[name] = info
-        self.sample[name] = y.astype(info.dtype)
-        return name
-
-    def conv(self, name: str, x: str, out_ch: int, k: int = 3, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-             groups: int = 1, bits: int = 8) -> str:
-        cin = self.tensors[x].shape[0]
-        q = 2 ** (bits - 1) - 1
-        weight = self.rng.integers(-q, q + 1, (out_ch, cin // groups, k, k)).astype(np.int8)
-        bias = self.rng.integers(-5000, 5000, out_ch).astype(np.int32)
-        attrs = {"stride": list(stride), "padding": list(padding), "dilation": list(dilation), "groups": groups,
-                 "input_zero_point": self.tensors[x].zero_point, "weight_bits": bits}
-        return self.add("conv2d", name, [x], attrs, {"weight": weight, "bias": bias}, dtype="int32", zero_point=0)
-
-    def dense(self, name: str, x: str, out: int, bits: int = 8) -> str:
-        q = 2 ** (bits - 1) - 1
-        weight = self.rng.integers(-q, q + 1, (out, self.tensors[x].shape[0])).astype(np.int8)
-        attrs = {"input_zero_point": self.tensors[x].zero_point, "weight_bits": bits}
-        return self.add("dense", name, [x], attrs, {"weight": weight, "bias": self.rng.integers(-9999, 9999, out)
-                                                    .astype(np.int32)}, dtype="int32", zero_point=0)
-
-    def requantize(self, name: str, terms: list[str], dtype: str = "uint8", zero_point: int = 3, relu: bool = False,
-                   per_channel: bool = True, shifts=(40, 45)) -> str:
-        """Realistic dyadic multipliers: M0 in [2^30, 2^31) for the first term, shifts in `shifts`."""
-        ch = self.tensors[terms[0]].shape[0] if per_channel else 1
-        m = self.rng.integers(2**30, 2**31, (len(terms), ch), dtype=np.int64)
-        m[1:] >>= self.rng.integers(0, 12, (len(terms) - 1, ch))  # later terms: smaller scale ratios
-        shift = self.rng.integers(shifts[0], shifts[1] + 1, ch).astype(np.int64)
-        offset = self.rng.integers(-(2**62), 2**62, ch, dtype=np.int64) >> (56 - shift)  # a bias up to ~2^6 LSB
-        lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
-        attrs = {"input_zero_points": [self.tensors[t].zero_point for t in terms], "output_zero_point": zero_point,
-                 "qmin": zero_point if relu else lo, "qmax": hi}
-        params = {"multiplier": m, "shift": shift, "offset": offset}
-        return self.add("requantize", name, terms, attrs, params, dtype=dtype, zero_point=zero_point)
-
-    def graph(self, output: str | None = None) -> IntGraph:
-        return IntGraph("px", (H, W, C), self.nodes, self.tensors, output or self.nodes[-1].name)
-
-
-def assert_exact(g: IntGraph, executable=None, device: str = "cpu") -> None:
-    """The compiled graph equals the reference bit for bit, at batch 1 and 3 through one compiled module."""
-    executable = executable or tb.compile_graph(g)
-    params = tb.pack_params(g)
-    rng = np.random.default_rng(123)
-    for batch in BATCHES:
-        x = rng.integers(0, 256, (batch, H, W, C), dtype=np.uint8)
-        x[0, :2] = 0  # extremes of the lookup table
-        x[-1, -2:] = 255
-        expected = run_graph(g, x)
-        got = tb.run_executable(executable, x, params, device)
-        assert got.dtype == np.int32 and got.shape == expected.shape
-        np.testing.assert_array_equal(got, expected)
-
-
-def all_ops_graph(seed: int = 0) -> IntGraph:
-    """Every op once, as in a small ResNet: int8 and packed int4 convs, a residual, pools, an option-A shortcut."""
-    m = GraphMaker(seed)
-    m.conv("c1", "q", 4)
-    m.requantize("r1", ["c1"], relu=True)
-    m.conv("c2", "r1", 4, groups=2, bits=4)
-    m.requantize("r2", ["c2", "r1"], relu=True)
-    m.add("max_pool2d", "mp", ["r2"], {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]})
-    m.add("strided_slice", "sl", ["mp"], {"begin": [0, 0, 0, 0], "end": [2**31 - 1, 4, 4, 4], "step": [1, 1, 2, 2]})
-    m.add("pad", "pd", ["sl"], {"pads": [[0, 0], [2, 2], [0, 0], [0, 0]], "value": m.tensors["sl"].zero_point})
-    m.add("clamp", "cl", ["pd"], {"qmin": 4, "qmax": 200})
-    m.add("sum_pool2d", "sp", ["cl"], {"kernel": [2, 2], "stride": [2, 2]}, dtype="int32", zero_point=4 * 3)
-    m.requantize("rp", ["sp"], per_channel=False, shifts=(36, 38))
-    m.add("reshape", "fl", ["rp"], {"shape": [-1]})
-    m.dense("fc", "fl", 5)
-    return m.graph()
+from lower.reference import EXECUTORS, run_graph
+from runtime.executable import load_executable
+from toolkit import C, GraphMaker, H, W, all_ops_graph, assert_exact
 
 
 # -- one test per op kind ------------------------------------------------------------------------------------
@@ -176,7 +77,7 @@ def test_requantize_rounding_and_tiny_shifts():
     node.params["multiplier"] = np.array([[1, 2, 3, 1, 1], [1, 1, 3, 1, 0]], np.int64)
     node.params["shift"] = np.array([0, 1, 2, 9, 12], np.int64)
     node.params["offset"] = np.array([0, -1, 2, -300, 5000], np.int64)
-    m.sample["y"] = _run_node(node, [m.sample["c"], m.sample["c0"]])
+    m.sample["y"] = EXECUTORS["requantize"](node, [m.sample["c"], m.sample["c0"]])
     g = m.graph()
     assert_exact(g)
 
@@ -210,7 +111,7 @@ def test_all_ops_graph_export_and_load(tmp_path):
     ex = tb.compile_graph(g)
     assert_exact(g, ex)
     path = tb.export_library(ex, tmp_path / "graph.so")
-    run = tb.load_executable(path, "cpu")
+    run = load_executable(path, "cpu")
     x = np.random.default_rng(9).integers(0, 256, (4, H, W, C), dtype=np.uint8)
     params = run.upload(tb.pack_params(g))
     np.testing.assert_array_equal(run(x, params), run_graph(g, x))
@@ -267,10 +168,10 @@ def test_unknown_target_and_option():
 
 
 def test_target_dicts_are_plain_json():
-    assert tb.target_dict("llvm", mcpu="znver4") == {"kind": "llvm", "tag": "", "keys": ["cpu"], "mcpu": "znver4"}
-    cuda = tb.target_dict("cuda", arch="sm_90")
+    assert targets.target_dict("llvm", mcpu="znver4") == {"kind": "llvm", "tag": "", "keys": ["cpu"], "mcpu": "znver4"}
+    cuda = targets.target_dict("cuda", arch="sm_90")
     assert cuda["arch"] == "sm_90" and cuda["host"]["kind"] == "llvm" and "mcpu" not in cuda["host"]
-    assert tb.target_dict("cuda")["arch"] == "sm_80"
+    assert targets.target_dict("cuda")["arch"] == "sm_80"
 
 
 def test_batch_slicing_is_rejected():
@@ -287,13 +188,13 @@ def cuda_executable():
 
 
 def test_cuda_codegen_without_gpu(cuda_executable, tmp_path):
-    source = tb.cuda_source(cuda_executable)
+    source = cuda.cuda_source(cuda_executable)
     assert source.count("__global__") >= 10 and "blockIdx" in source
     assert tb.export_library(cuda_executable, tmp_path / "cuda.so").stat().st_size > 0
-    if tb.find_nvcc() is None:
+    if cuda.find_nvcc() is None:
         pytest.skip("nvcc not found: PTX compilation not checked")
     for arch in ("sm_80", "sm_90"):
-        ptx = tb.compile_cuda_ptx(source, arch)
+        ptx = cuda.compile_cuda_ptx(source, arch)
         assert f".target {arch}" in ptx and ".entry" in ptx
 
 
@@ -310,7 +211,7 @@ def test_cuda_matches_reference(cuda_executable):
 @requires_gpu
 def test_cuda_export_load(tmp_path):
     g = all_ops_graph(seed=1)
-    path = tb.export_library(tb.compile_graph(g, "cuda", arch=tb.gpu_arch()), tmp_path / "cuda.so")
-    run = tb.load_executable(path, "cuda")
+    path = tb.export_library(tb.compile_graph(g, "cuda", arch=targets.gpu_arch()), tmp_path / "cuda.so")
+    run = load_executable(path, "cuda")
     x = np.random.default_rng(2).integers(0, 256, (5, H, W, C), dtype=np.uint8)
     np.testing.assert_array_equal(run(x, tb.pack_params(g)), run_graph(g, x))

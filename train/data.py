@@ -13,23 +13,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DFQFError
-from .models.registry import IMAGENET_MEAN, IMAGENET_STD, data_dir_from_env
+from core.errors import DFQFError
+from core.pixels import normalize
+
+from .models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 # split name -> npz file name inside <data_dir>/<dataset>/
 SPLIT_FILES = {"test": "test.npz", "train": "train.npz", "lossless932": "test_lossless932.npz"}
 TORCHVISION_SPLITS = ("test", "train")  # splits torchvision's CIFAR datasets can provide
-
-
-def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """The data folder: `data_dir` if given, else $DFQF_DATA_DIR; it must exist."""
-    path = Path(data_dir) if data_dir is not None else data_dir_from_env()
-    if path is None:
-        raise DFQFError("no data folder: pass --data-dir or set DFQF_DATA_DIR")
-    if not path.is_dir():
-        raise DFQFError(f"data folder not found: {path}")
-    return path
 
 
 def load_split(
@@ -107,17 +99,6 @@ def _validate(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> Non
         raise DFQFError(f"{where}: labels must lie in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
 
 
-def normalize(x: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NHWC images -> float32 NCHW tensor (x/255 - mean)/std, per channel."""
-    t = torch.as_tensor(x)
-    if t.ndim != 4 or t.shape[-1] != len(mean) or len(mean) != len(std):
-        raise DFQFError(f"normalize expects [N,H,W,{len(mean)}] images, got {list(t.shape)}")
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    t = t.permute(0, 3, 1, 2).to(torch.float32)
-    return ((t / 255.0 - m) / s).contiguous()
-
-
 def image_batches(
     x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float], batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,7 +107,7 @@ def image_batches(
         raise DFQFError(f"batch size must be positive, got {batch_size}")
     for start in range(0, len(x), batch_size):
         stop = start + batch_size
-        yield normalize(x[start:stop], mean, std), torch.as_tensor(np.asarray(y[start:stop]), dtype=torch.int64)
+        yield normalize(x[start:stop], mean, std).contiguous(), torch.as_tensor(np.asarray(y[start:stop]), dtype=torch.int64)
 
 
 def subset(x: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -6,10 +6,10 @@ Progress goes to stderr; the last stdout line is one JSON object (top1 in percen
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -17,8 +17,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import SPLIT_FILES, image_batches, imagenet_val_loader, load_split, resolve_data_dir, subset
-from .errors import CLIParser, DFQFError, cli_main, positive_int
+from core.cli import check_fields, cli_main, non_negative, one_of, option, parse_options, positive
+from core.errors import DFQFError
+from core.paths import resolve_data_dir
+
+from .data import SPLIT_FILES, image_batches, imagenet_val_loader, load_split, subset
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import ArchInfo
 
@@ -47,20 +50,24 @@ def evaluate_top1(
     return 100.0 * correct / total, total
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = CLIParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", required=True, help="architecture name (see train.models.ARCHS)")
-    p.add_argument("--weights", help="state_dict file (default: the arch's teacher in the data folder)")
-    p.add_argument("--data-dir", help="data folder (default: $DFQF_DATA_DIR)")
-    p.add_argument("--split", default="test", choices=list(SPLIT_FILES), help="evaluation split (default: test)")
-    p.add_argument("--dataset", choices=DATASETS, help="data set (default: the arch's own)")
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the data set's)")
-    p.add_argument("--limit", type=positive_int, help="evaluate a seeded random subset of this many images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="ImageNet data-loader workers (default: 4)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    return p
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `python -m train.evaluate` evaluates (each field is a flag)."""
+
+    arch: str = option(help="architecture name (see train.models.ARCHS)")
+    weights: Path | None = option(None, "state_dict file (default: the arch's teacher in the data folder)")
+    data_dir: Path | None = option(None, "data folder (default: $DFQF_DATA_DIR)")
+    split: str = option("test", "evaluation split", check=one_of(*SPLIT_FILES))
+    dataset: str | None = option(None, "data set (default: the arch's own)", check=one_of(*DATASETS))
+    num_classes: int | None = option(None, "classifier outputs (default: the data set's)", check=positive)
+    limit: int | None = option(None, "evaluate a seeded random subset of this many images", check=positive)
+    seed: int = option(0, "seed of the --limit subset")
+    batch_size: int = option(256, "images per batch", check=positive)
+    workers: int = option(4, "ImageNet data-loader workers", check=non_negative)
+    device: str = option("cpu", "torch device")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _device(name: str) -> torch.device:
@@ -80,14 +87,14 @@ def _dataset(info: ArchInfo, requested: str | None) -> str:
     return dataset
 
 
-def _weights(info: ArchInfo, weights: str | None, data_dir: Path) -> Path | None:
+def _weights(info: ArchInfo, weights: Path | None, data_dir: Path) -> Path | None:
     """--weights, else the arch's default teacher inside --data-dir, else registry resolution."""
     if weights is None and info.weights_file and (data_dir / info.weights_file).is_file():
         return data_dir / info.weights_file
     return resolve_weights(info.name, weights)
 
 
-def _cifar_batches(args: argparse.Namespace, info: ArchInfo, data_dir: Path, dataset: str, num_classes: int
+def _cifar_batches(args: EvalOptions, info: ArchInfo, data_dir: Path, dataset: str, num_classes: int
                    ) -> tuple[Batches, int]:
     """(batches, count) of a CIFAR split, checked against the arch's input size and class count."""
     x, y = load_split(data_dir, dataset, args.split)
@@ -101,7 +108,7 @@ def _cifar_batches(args: argparse.Namespace, info: ArchInfo, data_dir: Path, dat
     return image_batches(x, y, info.mean, info.std, args.batch_size), len(x)
 
 
-def _imagenet_batches(args: argparse.Namespace, data_dir: Path) -> tuple[Batches, int]:
+def _imagenet_batches(args: EvalOptions, data_dir: Path) -> tuple[Batches, int]:
     """(batches, count) of the ImageNet validation folder: <D>/imagenet/val, <D>/val, or <D> itself."""
     if args.split != "test":
         raise DFQFError(f"imagenet supports only --split test (the validation set), not {args.split}")
@@ -113,7 +120,7 @@ def _imagenet_batches(args: argparse.Namespace, data_dir: Path) -> tuple[Batches
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     """Evaluate --arch on --split and print the result as one JSON line."""
-    args = _parser().parse_args(argv)
+    args = parse_options(EvalOptions, argv, "python -m train.evaluate", __doc__.splitlines()[0])
     start = time.perf_counter()
     info = get_arch(args.arch)
     dataset = _dataset(info, args.dataset)

@@ -9,10 +9,16 @@ Every BatchNorm2d has the default eps=1e-5 (the GDFQ family's `BatchNorm2d(C, 0.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from core.errors import DFQFError, first_line
+from core.files import atomic_torch_save
+
+FORMAT, VERSION = "dfqf.generator", 1
 
 
 def _init_size(height: int) -> int:
@@ -33,6 +39,7 @@ class Generator(nn.Module):
         if height != width:
             raise ValueError(f"generator images must be square, got {height}x{width}")
         self.num_classes, self.latent_dim, self.conditional = num_classes, latent_dim, conditional
+        self.image_size = (channels, height, width)
         self.init = _init_size(height)
         self.embed = nn.Embedding(num_classes, latent_dim) if conditional else None
         self.project = nn.Linear(latent_dim, base_channels * self.init**2)
@@ -87,13 +94,34 @@ class Generator(nn.Module):
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] images in [0, 1] → uint8 [N, H, W, C] on the CPU, round half up (the on-disk synthetic
-    format): e.g. 0.5 → floor(127.5 + 0.5) = 128. `from_uint8` of the result is what the student sees."""
+    format): e.g. 0.5 → floor(127.5 + 0.5) = 128. `core.pixels.normalize` of the result is what the student sees."""
     u8 = torch.floor(pixels.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
     return u8.permute(0, 2, 3, 1).contiguous().cpu()
 
 
-def from_uint8(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, H, W, C] → normalized float [N, C, H, W] (what the teacher and student consume)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (u8.permute(0, 3, 1, 2).to(torch.float32) / 255 - m) / s
+def save_generator(path: Path, g: Generator) -> None:
+    """`generator.pt`: a plain dict (format, version, constructor arguments, state_dict), loadable with
+    `torch.load(weights_only=True)`; `load_generator` rebuilds the generator from it."""
+    atomic_torch_save({"format": FORMAT, "version": VERSION, "state_dict": g.state_dict(),
+                       "num_classes": g.num_classes, "image_size": list(g.image_size),
+                       "mean": g.mean.flatten().tolist(), "std": g.std.flatten().tolist(), "latent_dim": g.latent_dim,
+                       "base_channels": g.base_channels, "conditional": g.conditional}, path)
+
+
+def load_generator(path: Path) -> Generator:
+    """The generator saved by `save_generator` (eval mode off: its BN layers use batch statistics when
+    sampling, as during training); every problem is one DFQFError."""
+    try:
+        ck: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a torch file
+        raise DFQFError(f"cannot read generator file {path}: {first_line(e)}") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or ck.get("version") != VERSION:
+        raise DFQFError(f"{path} is not a DFQF generator file (format {FORMAT!r}, version {VERSION})")
+    try:
+        g = Generator(int(ck["num_classes"]), tuple(int(v) for v in ck["image_size"]), ck["mean"], ck["std"],
+                      latent_dim=int(ck["latent_dim"]), base_channels=int(ck["base_channels"]),
+                      conditional=bool(ck["conditional"]))
+        g.load_state_dict(ck["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DFQFError(f"{path}: malformed generator file ({first_line(e)})") from None
+    return g

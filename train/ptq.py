@@ -12,9 +12,7 @@ data folder is given, time taken); the report is also the last stdout line. Meth
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -28,16 +26,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .artifacts import write_json_atomic
+from core.cli import check_fields, cli_main, one_of, option, parse_options, positive
+from core.errors import DFQFError
+from core.files import sha256_file, write_json_atomic
+from core.paths import optional_data_dir
+from core.pixels import normalize
+
 from .baselines.dfq import dfq_student
 from .baselines.zeroq import distill_images
-from .data import image_batches, load_split, normalize, resolve_data_dir, subset
-from .errors import CLIParser, DFQFError, bits_int, cli_main, positive_int
+from .data import image_batches, load_split, subset
 from .evaluate import evaluate_top1
 from .models import get_arch, load_teacher, resolve_weights
-from .models.registry import ArchInfo, sha256_file
+from .models.registry import ArchInfo
 from .quant.calibrate import OBSERVERS, calibrate
 from .quant.convert import QuantConfig, quantize_model
+from .quant.spec import check_bits
 from .student import save_student
 
 
@@ -48,7 +51,7 @@ class PTQContext:
     teacher: nn.Module
     info: ArchInfo
     config: QuantConfig
-    args: argparse.Namespace
+    args: PTQOptions
     data_dir: Path | None
     distilled_images: torch.Tensor | None = None  # ZeroQ: set after distillation, reusable across bit widths
 
@@ -89,7 +92,7 @@ def real_calib_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
         raise DFQFError("--method real-calib needs real training images: pass --data-dir or set DFQF_DATA_DIR")
     x, _ = load_split(ctx.data_dir, ctx.info.dataset, "train")
     x, _ = subset(x, np.zeros(len(x), dtype=np.int64), ctx.args.calib_size, ctx.args.seed)
-    images = normalize(x, ctx.info.mean, ctx.info.std)
+    images = normalize(x, ctx.info.mean, ctx.info.std).contiguous()
     student = quantize_model(ctx.teacher, ctx.config)
     n = calibrate(student, _batches(images, ctx.args.batch_size), ctx.args.observer)
     return student, {"calibration_images": n, "calibration_data": "real training images (NOT data-free)"}
@@ -103,6 +106,34 @@ METHODS: dict[str, tuple[Callable[[PTQContext], tuple[fx.GraphModule, dict[str, 
 }
 
 
+@dataclass(frozen=True)
+class PTQOptions:
+    """A PTQ run (each field is also a flag of `python -m train.ptq`)."""
+
+    method: str = option(help="quantization method", check=one_of(*METHODS))
+    out: Path = option(help="output folder for student.pt and report.json")
+    arch: str = option("resnet20", "architecture name (see train.models.ARCHS)")
+    weights: Path | None = option(None, "teacher state_dict (default: the arch's default teacher)")
+    wbits: int = option(4, "weight bits", check=check_bits)
+    abits: int = option(4, "activation bits", check=check_bits)
+    first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
+    observer: str = option("minmax", "range estimator for minmax/zeroq/real-calib", check=one_of(*OBSERVERS))
+    data_dir: Path | None = option(None, "evaluation data (default: $DFQF_DATA_DIR; optional)")
+    split: str = option("test", "evaluation split")
+    eval_limit: int | None = option(None, "evaluate on a seeded random subset of this size", check=positive)
+    calib_size: int = option(256, "calibration/distilled images", check=positive)
+    zeroq_iters: int = option(500, "ZeroQ distillation steps per batch", check=positive)
+    batch_size: int = option(64, "images per calibration batch", check=positive)
+    seed: int = option(0, "random seed")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.wbits, self.abits, self.first_last_bits)
+
+
 def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, float], None]:
     total = -(-n // batch) * iters
     done = [0]
@@ -113,27 +144,6 @@ def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, flo
             print(f"zeroq distill {done[0]}/{total} bn-loss {loss:.4f}", file=sys.stderr, flush=True)
 
     return report
-
-
-def parser() -> argparse.ArgumentParser:
-    p = CLIParser(prog="python -m train.ptq", description=__doc__.splitlines()[0])
-    p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--weights", help="teacher state_dict (default: the arch's default teacher)")
-    p.add_argument("--wbits", type=bits_int, default=4)
-    p.add_argument("--abits", type=bits_int, default=4)
-    p.add_argument("--first-last-bits", type=bits_int, default=8, help="first conv and last linear (default 8)")
-    p.add_argument("--observer", choices=OBSERVERS, default="minmax",
-                   help="range estimator for minmax/zeroq/real-calib (default: minmax)")
-    p.add_argument("--out", required=True, help="output folder for student.pt and report.json")
-    p.add_argument("--data-dir", help="evaluation data (default: $DFQF_DATA_DIR; optional)")
-    p.add_argument("--split", default="test", help="evaluation split (default: test)")
-    p.add_argument("--eval-limit", type=positive_int, help="evaluate on a seeded random subset of this size")
-    p.add_argument("--calib-size", type=positive_int, default=256, help="calibration/distilled images (default 256)")
-    p.add_argument("--zeroq-iters", type=positive_int, default=500, help="ZeroQ distillation steps per batch")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    return p
 
 
 def _check_out(out: Path) -> None:
@@ -158,13 +168,13 @@ def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data_d
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_options(PTQOptions, argv, "python -m train.ptq", __doc__.splitlines()[0])
     torch.manual_seed(args.seed)
     info = get_arch(args.arch)
-    config = QuantConfig(args.wbits, args.abits, args.first_last_bits)
+    config = args.quant_config
     out = Path(args.out)
     _check_out(out)
-    data_dir = resolve_data_dir(args.data_dir) if args.data_dir or os.environ.get("DFQF_DATA_DIR") else None
+    data_dir = optional_data_dir(args.data_dir)
     weights = resolve_weights(args.arch, args.weights)
     teacher = load_teacher(args.arch, weights)
     method, data_free = METHODS[args.method]

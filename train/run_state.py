@@ -3,39 +3,25 @@
 The checkpoint `<out>/checkpoint.pt` holds every tensor state (generator, student, optimizers,
 schedulers, RNG), the position in the schedule (stage, step) and the number of lines of
 `metrics.jsonl` that belong to it; on resume the log is cut back to that many lines, so a run killed
-between a log line and the next checkpoint does not log any step twice.
+between a log line and the next checkpoint does not log any step twice. It is loaded with
+`weights_only=True`: a checkpoint someone else wrote cannot run code.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .errors import DFQFError, first_line
-from .artifacts import atomic_torch_save
+from core.errors import DFQFError, first_line
+from core.files import atomic_torch_save
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+CHECKPOINT_KEYS = ("stage", "step", "images_generated", "wall_seconds", "metrics_lines", "generator", "student",
+                   "g_opt", "s_opt", "s_sched", "rng", "config", "student_ema")
 
 
 class MetricsLog:
@@ -69,11 +55,15 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The checkpoint in `out` (None if there is none yet); a file that is not one is a DFQFError."""
     path = out / CHECKPOINT
     if not path.exists():
         return None
     try:
-        # the checkpoint holds Python RNG state (tuples) and optimizer state: written by this program
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage or a pickle with code: refused alike
         raise DFQFError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise DFQFError(f"{path} is not a train.dfqf checkpoint (lacks {', '.join(missing[:4])})")
+    return ck

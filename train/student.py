@@ -24,8 +24,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .artifacts import atomic_torch_save
-from .errors import DFQFError, first_line
+from core.errors import DFQFError, first_line
+from core.files import atomic_torch_save
+
 from .models import build_model, get_arch
 from .models.registry import load_state_dict_strict
 from .quant.convert import QuantConfig, quantize_model

@@ -21,7 +21,6 @@ from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-
 MAX_LANES = 64
 
 

@@ -21,10 +21,8 @@ epilogue is in int64 (AVX2 has no 64-bit vector shift by variable amounts: LLVM 
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
-import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax import op as R
 from tvm.s_tir import TensorIntrin
@@ -32,7 +30,7 @@ from tvm.script import tirx as T
 
 from ..graph import Node
 from . import x86_conv
-from .x86_conv import Epilogue, out_hw
+from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -99,17 +97,17 @@ def register_tile(ow: int, out_blocks: int) -> tuple[int, int]:
     return x86_conv.register_tile(ow, out_blocks, MAX_ACC)
 
 
-def conv2d_nhwc_s16(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str,
-                    out_blocks: int, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                    epilogue: Epilogue | None = None, tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`in_dtype`, unpadded), zero_point int32 [1],
+def conv2d_nhwc_s16(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None = None,
+                    tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`shape.in_dtype`, unpadded), zero_point int32 [1],
     w int16 [out_blocks, kh, kw, cin4 / 4, 2, 8, 2] -> int32 [batch, OH, OW, out_blocks * 8] (NHWC). The
     kernel forms d = x - zero_point in int16 and pads it with zeros itself.
 
     With an `epilogue`, the extra inputs and the requantized output of `x86_conv.requantize_epilogue`."""
     register_intrinsics()
+    kernel, stride, dilation, out_blocks = shape.kernel, shape.stride, shape.dilation, shape.out_blocks
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    inputs, x = x86_conv.padded_input(batch, in_hw, padding, cin, in_dtype, "int16",
+    inputs, x = x86_conv.padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "int16",
                                       lambda v, zp: v.astype("int16") - zp.astype("int16"),
                                       lambda zp: tirx.const(0, "int16"))
     h, w = x.shape[1:3]
@@ -132,7 +130,7 @@ def conv2d_nhwc_s16(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int,
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel ---------------------------------------
-def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
+def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> KernelInputs | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and its zero point;
     the packed int16 weight; the bias padded to O8 channels; the shapes. None if the kernel
     cannot run it exactly."""
@@ -148,5 +146,3 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
 
 
 FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2", MAX_ACC)
-emit_conv2d = partial(x86_conv.emit_conv2d, FAMILY)
-emit_conv2d_requantize = partial(x86_conv.emit_conv2d_requantize, FAMILY)

@@ -41,7 +41,7 @@ from tvm import relax, te, tirx
 from tvm.relax import op as R
 from tvm.s_tir import Schedule
 
-from train.errors import DFQFError
+from core.errors import DFQFError
 
 from ..graph import Node
 
@@ -202,14 +202,53 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
 
 # -- the Relax glue --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Family:
-    """A kernel family: `prepare(b, node, x)` -> the kernel inputs (dict: u, wp, bias, o, o_pad, args, out_hw)
-    or None when the kernel cannot run `node` exactly; `kernel(*args, epilogue=)` -> the scheduled PrimFunc;
-    `lanes` output channels per block; `suffix` names the kernels (e.g. "conv2d_vnni"); `max_acc` vector
-    accumulators a register tile may hold."""
+class ConvShape:
+    """What one conv kernel is built for, besides its symbolic batch: the unpadded input size and its padding,
+    the input channels (padded to a multiple of 4) and dtype, the 16- or 8-channel output blocks, kernel,
+    stride and dilation. Equal shapes (and epilogues) are one kernel (`kernel_key`)."""
 
-    prepare: Callable[["GraphBuilder", Node, relax.Expr], dict | None]
-    kernel: Callable[..., tirx.PrimFunc]
+    in_hw: tuple[int, int]
+    padding: tuple[int, int]
+    cin: int
+    in_dtype: str
+    out_blocks: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """(OH, OW) of the kernel's output."""
+        padded = tuple(i + 2 * p for i, p in zip(self.in_hw, self.padding))
+        return out_hw(padded, self.kernel, self.stride, self.dilation)
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    """What a family's `prepare` gives the kernel call for one conv node: the input x and its zero point, the
+    packed weight `wp`, the bias padded to `o_pad` channels (O of the node), and the kernel's `shape`."""
+
+    x: relax.Expr
+    zp: relax.Expr
+    wp: relax.Expr
+    bias: relax.Expr
+    o: int
+    o_pad: int
+    shape: ConvShape
+
+
+KernelBuilder = Callable[..., tirx.PrimFunc]  # (batch, ConvShape, epilogue=, tile=) -> scheduled PrimFunc
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: `prepare(b, node, x)` -> its `KernelInputs`, or None when the kernel cannot run `node`
+    exactly; `kernel(batch, shape, epilogue=, tile=)` -> the scheduled PrimFunc; `lanes` output channels per
+    block; `suffix` names the kernels (e.g. "conv2d_vnni"); `max_acc` vector accumulators a register tile may
+    hold."""
+
+    prepare: Callable[["GraphBuilder", Node, relax.Expr], KernelInputs | None]
+    kernel: KernelBuilder
     lanes: int
     suffix: str
     max_acc: int
@@ -217,32 +256,31 @@ class Family:
 
 @dataclass
 class KernelRequest:
-    """One distinct kernel a graph asks for: its family, builder args (without the batch), epilogue, and the
-    conv nodes that use it."""
+    """One distinct kernel a graph asks for: its family, shape, epilogue, and the conv nodes that use it."""
 
     family: Family
-    args: tuple
+    shape: ConvShape
     epilogue: Epilogue | None
     nodes: list[str] = field(default_factory=list)
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        """(OH, OW) of the kernel's output."""
-        in_hw, padding, _, _, _, kernel, stride, dilation = self.args
-        return out_hw(tuple(i + 2 * p for i, p in zip(in_hw, padding)), kernel, stride, dilation)
+        return self.shape.output_hw
 
     @property
     def tile_extents(self) -> tuple[int, int]:
         """(OW, out_blocks): the extents the register tile divides."""
-        return self.output_hw[1], self.args[4]
+        return self.output_hw[1], self.shape.out_blocks
+
+    @property
+    def key(self) -> str:
+        return kernel_key(self.family, self.shape, self.epilogue)
 
 
-def kernel_key(f: Family, args: tuple, epilogue: Epilogue | None) -> str:
-    """A stable name of a kernel: family, builder args without the batch (in_hw, padding, cin, in_dtype,
-    out_blocks, kernel, stride, dilation) and epilogue, as compact JSON."""
-    names = ("in_hw", "padding", "cin", "in_dtype", "out_blocks", "kernel", "stride", "dilation")
-    spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else v if isinstance(v, str) else int(v)
-                                   for k, v in zip(names, args)},
+def kernel_key(f: Family, shape: ConvShape, epilogue: Epilogue | None) -> str:
+    """A stable name of a kernel: family, shape (in_hw, padding, cin, in_dtype, out_blocks, kernel, stride,
+    dilation) and epilogue, as compact JSON."""
+    spec = {"family": f.suffix, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(shape).items()},
             "epilogue": None if epilogue is None else asdict(epilogue)}
     return json.dumps(spec, separators=(",", ":"), default=list)
 
@@ -273,21 +311,17 @@ class ConvGeometry:
     cin4: int
     o_pad: int
 
-    @property
-    def padded_hw(self) -> tuple[int, int]:
-        return self.in_hw[0] + 2 * self.padding[0], self.in_hw[1] + 2 * self.padding[1]
-
     def kernel_inputs(self, b: "GraphBuilder", x: relax.Expr, zero_point: int, wp: relax.Expr, bias: relax.Expr,
-                      lanes: int) -> dict:
-        """The dict `Family.prepare` returns: the kernel's x and zero_point inputs, the packed weight, the bias
-        padded to O_pad channels, the kernel builder's arguments."""
+                      lanes: int) -> KernelInputs:
+        """The `KernelInputs` of `Family.prepare`: x (channels padded to Cin4) and its zero point, the packed
+        weight, the bias padded to O_pad channels, the kernel's shape."""
         if self.cin4 != self.cin:  # the padded channels meet zero filters: any value will do
             x = b.emit(R.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, self.cin4 - self.cin], "constant", 0.0))
-        return dict(x=x, zp=relax.const(np.array([zero_point], np.int32), "int32"), wp=wp,
-                    bias=b.emit(R.nn.pad(bias, [0, self.o_pad - self.o], "constant", 0.0)), o=self.o,
-                    o_pad=self.o_pad, args=(b.batch, self.in_hw, self.padding, self.cin4, self.in_dtype,
-                                            self.o_pad // lanes, (self.kh, self.kw), self.stride, self.dilation),
-                    out_hw=out_hw(self.padded_hw, (self.kh, self.kw), self.stride, self.dilation))
+        shape = ConvShape(self.in_hw, self.padding, self.cin4, self.in_dtype, self.o_pad // lanes, (self.kh, self.kw),
+                          self.stride, self.dilation)
+        return KernelInputs(x, relax.const(np.array([zero_point], np.int32), "int32"), wp,
+                            b.emit(R.nn.pad(bias, [0, self.o_pad - self.o], "constant", 0.0)), self.o, self.o_pad,
+                            shape)
 
 
 def geometry(b: "GraphBuilder", node: Node, lanes: int) -> ConvGeometry | None:
@@ -302,27 +336,26 @@ def geometry(b: "GraphBuilder", node: Node, lanes: int) -> ConvGeometry | None:
                         tuple(a["dilation"]), (h, w), in_info.dtype, -(-cin // 4) * 4, -(-o // lanes) * lanes)
 
 
-def _kernel(b: "GraphBuilder", f: Family, node: Node, k: dict, epilogue: Epilogue | None = None) -> tirx.PrimFunc:
+def _kernel(b: "GraphBuilder", f: Family, node: Node, k: KernelInputs, epilogue: Epilogue | None = None
+            ) -> tirx.PrimFunc:
     """The scheduled kernel for `node`, with the builder's tile for its key (default tile otherwise); records
     the request in `b.kernels` when the builder keeps one."""
-    args = tuple(k["args"][1:])
-    key = kernel_key(f, args, epilogue)
-    request = KernelRequest(f, args, epilogue)
+    request = KernelRequest(f, k.shape, epilogue)
     if b.kernels is not None:
-        request = b.kernels.setdefault(key, request)
+        request = b.kernels.setdefault(request.key, request)
         request.nodes.append(node.name)
-    tile = b.tiles.get(key)
+    tile = b.tiles.get(request.key)
     tile = None if tile is None else check_tile(f, *request.tile_extents, tile)
-    return f.kernel(*k["args"], epilogue=epilogue, tile=tile)
+    return f.kernel(b.batch, k.shape, epilogue=epilogue, tile=tile)
 
 
-def _call(b: "GraphBuilder", f: Family, node: Node, func: tirx.PrimFunc, args: list, dtype: str, k: dict
+def _call(b: "GraphBuilder", f: Family, node: Node, func: tirx.PrimFunc, args: list, dtype: str, k: KernelInputs
           ) -> relax.Expr:
     """Call the kernel; [n, OH, OW, O_pad] -> [n, OH, OW, O] (dropping padded channels)."""
     gv = b.bb.add_func(func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True}), f"{node.name}_{f.suffix}")
-    (oh, ow), o, o_pad = k["out_hw"], k["o"], k["o_pad"]
-    out = b.emit(relax.call_tir(gv, args, relax.TensorType([b.batch, oh, ow, o_pad], dtype)))
-    return R.strided_slice(out, [3], [0], [o]) if o_pad != o else out
+    oh, ow = k.shape.output_hw
+    out = b.emit(relax.call_tir(gv, args, relax.TensorType([b.batch, oh, ow, k.o_pad], dtype)))
+    return R.strided_slice(out, [3], [0], [k.o]) if k.o_pad != k.o else out
 
 
 def emit_conv2d(f: Family, b: "GraphBuilder", node: Node, x: relax.Expr) -> relax.Expr | None:
@@ -331,8 +364,8 @@ def emit_conv2d(f: Family, b: "GraphBuilder", node: Node, x: relax.Expr) -> rela
     k = f.prepare(b, node, x)
     if k is None:
         return None
-    acc = _call(b, f, node, _kernel(b, f, node, k), [k["x"], k["zp"], k["wp"]], "int32", k)
-    return R.add(acc, b.per_channel(R.strided_slice(k["bias"], [0], [0], [k["o"]]), 4))
+    acc = _call(b, f, node, _kernel(b, f, node, k), [k.x, k.zp, k.wp], "int32", k)
+    return R.add(acc, b.per_channel(R.strided_slice(k.bias, [0], [0], [k.o]), 4))
 
 
 def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x: relax.Expr,
@@ -355,7 +388,7 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     k = f.prepare(b, conv, x)
     if k is None:
         return None
-    o_pad = k["o_pad"]
+    o_pad = k.o_pad
 
     def per_out_channel(v: relax.Expr, rows: int | None = None) -> relax.Expr:
         """[C] or [rows, C] with C = 1 or O -> [O_pad] / [rows, O_pad] (padded channels: 0)."""
@@ -374,11 +407,11 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
                         R.sum(R.multiply(mult, zps), axis=[0]))
     m0 = R.squeeze(R.strided_slice(mult, [0], [0], [1]), [0])  # the conv term's multiplier
-    offset = R.add(offset, R.multiply(R.astype(k["bias"], "int64"), m0))  # + b * M_0 (module docstring)
+    offset = R.add(offset, R.multiply(R.astype(k.bias, "int64"), m0))  # + b * M_0 (module docstring)
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype)
     func = _kernel(b, f, conv, k, epilogue)
-    args = [k["x"], k["zp"], k["wp"], b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
+    args = [k.x, k.zp, k.wp, b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
             *(terms[i] for i in residuals)]
     return _call(b, f, conv, func, args, dtype, k)

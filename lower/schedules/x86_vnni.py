@@ -21,18 +21,17 @@ with the requantize, residual terms included, as its epilogue (`x86_conv.Epilogu
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax import op as R
-from tvm.script import tirx as T
 from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
 
 from ..graph import Node
 from . import x86_conv
-from .x86_conv import Epilogue, out_hw, supports  # noqa: F401 (Epilogue, supports: part of this set's API)
+from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw, supports  # noqa: F401 (supports: this set's API)
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -94,18 +93,18 @@ def register_tile(ow: int, out_blocks: int) -> tuple[int, int]:
     return x86_conv.register_tile(ow, out_blocks, MAX_ACC)
 
 
-def conv2d_nhwc_u8s8(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str,
-                     out_blocks: int, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                     epilogue: Epilogue | None = None, tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`in_dtype`, unpadded), zero_point int32 [1]
+def conv2d_nhwc_u8s8(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None = None,
+                     tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel: x [batch, H, W, cin] uint8 or int8 (`shape.in_dtype`, unpadded), zero_point int32 [1]
     (zp_u: the input zero point, + 128 for int8 inputs), w int8 [out_blocks, kh, kw, cin4 / 4, 16, 4] ->
     int32 [batch, OH, OW, out_blocks * 16] (NHWC); with an `epilogue`, the extra inputs and the requantized
     output of `x86_conv.requantize_epilogue`. The kernel pads u (x + 128 for int8) with zp_u itself."""
     register_intrinsics()
+    kernel, stride, dilation, out_blocks = shape.kernel, shape.stride, shape.dilation, shape.out_blocks
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    to_u8 = None if in_dtype == "uint8" else (  # the bit pattern with its sign bit flipped
+    to_u8 = None if shape.in_dtype == "uint8" else (  # the bit pattern with its sign bit flipped
         lambda v, zp: (v.astype("int16") + tirx.const(128, "int16")).astype("uint8"))
-    inputs, x = x86_conv.padded_input(batch, in_hw, padding, cin, in_dtype, "uint8", to_u8,
+    inputs, x = x86_conv.padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "uint8", to_u8,
                                       lambda zp: zp.astype("uint8"))
     h, w = x.shape[1:3]
     oh, ow = out_hw((int(h), int(w)), kernel, stride, dilation)
@@ -126,7 +125,7 @@ def conv2d_nhwc_u8s8(batch: tirx.Var, in_hw: tuple[int, int], padding: tuple[int
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel + bias correction -------------------
-def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
+def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> KernelInputs | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and zp_u, the packed
     weight, bias - zp_u * sum(w) padded to O16 channels, and the shapes; None if the
     kernel cannot run it exactly."""
@@ -146,5 +145,3 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> dict | None:
 
 
 FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni", MAX_ACC)
-emit_conv2d = partial(x86_conv.emit_conv2d, FAMILY)
-emit_conv2d_requantize = partial(x86_conv.emit_conv2d_requantize, FAMILY)

@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DFQFError
+from core.errors import DFQFError
+
 from ..quant.modules import ActQuantizer
 
 

@@ -1,8 +1,6 @@
 """Architecture registry: how to build each teacher, its input contract, and where its weights live."""
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -10,7 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import DFQFError, first_line
+from core.errors import DFQFError, first_line
+from core.paths import cache_dir, data_dir_from_env
+
 from .cifar_resnet import CifarResNet
 from .tiny import TinyNet
 
@@ -82,23 +82,6 @@ def get_arch(name: str) -> ArchInfo:
 def build_model(name: str, num_classes: int | None = None) -> nn.Module:
     info = get_arch(name)
     return info.build(num_classes or info.num_classes)
-
-
-def data_dir_from_env() -> Path | None:
-    d = os.environ.get("DFQF_DATA_DIR")
-    return Path(d) if d else None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DFQF_CACHE_DIR", Path.home() / ".cache" / "dfqf"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_weights(arch: str, weights: str | Path | None) -> Path | None:

@@ -22,10 +22,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DFQFError
+from core.errors import DFQFError
+
 from .fold import fold_batch_norm
 from .modules import ActQuantizer, QuantConv2d, QuantLinear
-from .spec import MAX_BITS, MIN_BITS, activation_spec, input_spec, weight_spec
+from .spec import activation_spec, check_bits, input_spec, weight_spec
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name, b in [("wbits", self.wbits), ("abits", self.abits), ("first_last_bits", self.first_last_bits),
                         *self.overrides.items()]:
-            if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
-                raise DFQFError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}")
+            try:
+                check_bits(b)
+            except ValueError as e:
+                raise DFQFError(f"{name} {e}, got {b!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 Conventions (one place, used everywhere):
 - real = scale * (q - zero_point); q is an integer in spec.qrange.
 - rounding is half-up, floor(x + 0.5), the same as the integer requantizer below, so that
-  ties round the same way in the fake-quant student and in the deployed integer graph.
+  ties round the same way in the fake-quant student and in the deployed integer graph (`round_half_up`
+  for tensors, `round_half_up_np` for NumPy arrays).
 - per-channel tensors use axis 0 (output channels) for scale/zero_point.
 
 No nn.Module here: every function maps tensors to tensors.
@@ -135,7 +136,7 @@ def dyadic_multiplier(m: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if np.any(~np.isfinite(m)) or np.any(m <= 0):
         raise ValueError("dyadic multipliers must be finite and positive")
     frac, exp = np.frexp(m)  # m = frac * 2^exp, frac in [0.5, 1)
-    m0 = np.floor(frac * 2.0**DYADIC_BITS + 0.5).astype(np.int64)
+    m0 = round_half_up_np(frac * 2.0**DYADIC_BITS).astype(np.int64)
     carry = m0 == 2**DYADIC_BITS
     m0 = np.where(carry, m0 // 2, m0)
     shift = DYADIC_BITS - (exp.astype(np.int64) + carry)
@@ -143,40 +144,84 @@ def dyadic_multiplier(m: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"multiplier {m.max()} >= 2^31 cannot be represented")
     # very small multipliers: give up low bits of M0 rather than shift past int64
     excess = np.maximum(shift - MAX_SHIFT, 0)
-    m0 = np.floor(m0 / 2.0**excess + 0.5).astype(np.int64)
+    m0 = round_half_up_np(m0 / 2.0**excess).astype(np.int64)
     shift = shift - excess
     return m0, shift
 
 
-def requantize(
-    acc: torch.Tensor,
-    multiplier: torch.Tensor,
-    shift: torch.Tensor,
-    zero_point: int,
-    qmin: int,
-    qmax: int,
-    axis: int = 1,
-) -> torch.Tensor:
-    """q = clamp(zero_point + ((acc * M0 + 2^(shift-1)) >> shift), qmin, qmax) in int64.
+def round_half_up_np(x: np.ndarray | float) -> np.ndarray:
+    """NumPy float64 `round_half_up`: floor(x + 0.5) without the float rounding of `x + 0.5`.
 
-    `>>` is an arithmetic shift (floor), so the result is round-half-up of acc * M0 / 2^shift.
-    multiplier/shift are scalars or per-channel along `axis` (axis 1 for NCHW activations).
-    |acc| < 2^31 and M0 < 2^31 keep the product inside int64.
-
-    >>> requantize(torch.tensor([10, 15, -10, 1000]), torch.tensor(1 << 30), torch.tensor(32), 0, -8, 7, axis=0).tolist()
-    [3, 4, -2, 7]
+    >>> round_half_up_np(np.array([0.5, 1.5, -0.5, -1.5, 2.4, 0.49999999999999994])).tolist()
+    [1.0, 2.0, 0.0, -1.0, 2.0, 0.0]
     """
-    acc = acc.to(torch.int64)
+    x = np.asarray(x, dtype=np.float64)
+    f = np.floor(x)
+    return f + (x - f >= 0.5)
 
-    def per_channel(p: torch.Tensor) -> torch.Tensor:
-        p = torch.as_tensor(p, dtype=torch.int64, device=acc.device)
-        if p.dim() == 0:
-            return p
-        shape = [1] * acc.dim()
+
+INT64_LIMIT = 2**63 - 1
+
+
+def joint_dyadic(m: np.ndarray, bounds: np.ndarray, bias: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multipliers M0[i, c], shifts n_c and offsets o_c with m[i, c] ~ M0[i, c] / 2^n_c and
+    bias[c] ~ o_c / 2^n_c (bias in output steps) for `requantize`: per column c the largest n_c with every
+    M0 < 2^31 and sum_i bounds[i] * M0[i, c] + |o_c| + 2^(n_c - 1) < 2^63 (bounds[i]: max |t_i - zp_i|), so
+    the int64 requantizer cannot overflow.
+
+    >>> m0, n, o = joint_dyadic(np.array([[0.1], [0.05]]), np.array([1000, 100], dtype=object), np.array([0.25]))
+    >>> m0[:, 0].tolist(), n.tolist(), o.tolist()
+    ([1717986918, 858993459], [34], [4294967296])
+    """
+    bias = np.zeros(m.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    _, shift = dyadic_multiplier(m.max(axis=0))  # the largest term sets the precision
+    multiplier = np.zeros(m.shape, dtype=np.int64)
+    offset = np.zeros(m.shape[1], dtype=np.int64)
+    for c in range(m.shape[1]):
+        n = int(shift[c])
+        while True:
+            col = [int(x) for x in round_half_up_np(m[:, c] * 2.0**n)]
+            off = int(round_half_up_np(bias[c] * 2.0**n))
+            worst = sum(int(b) * x for b, x in zip(bounds, col)) + abs(off) + (1 << max(n - 1, 0))
+            if max(col) < 2**31 and worst <= INT64_LIMIT:
+                break
+            if n == 0:
+                raise ValueError("requantization multiplier too large for an int64 requantizer")
+            n -= 1
+        multiplier[:, c], shift[c], offset[c] = col, n, off
+    return multiplier, shift.astype(np.int64), offset
+
+
+def requantize(terms: list[np.ndarray], multiplier: np.ndarray, shift: np.ndarray, offset: np.ndarray,
+               input_zero_points, output_zero_point: int, qmin: int, qmax: int, axis: int = 1) -> np.ndarray:
+    """The integer requantizer, in int64 (what every backend computes bit for bit):
+
+        clamp(zp_out + ((sum_i (t_i - zp_i) * M0[i, c] + offset[c] + 2^(n_c - 1)) >> n_c), qmin, qmax)
+
+    with c along `axis` (multiplier [k, C], shift [C], offset [C]; C = 1 is per tensor) and no rounding
+    term where n_c = 0. `>>` is an arithmetic shift (floor), so this is round-half-up of the exact real sum:
+    residual adds, ReLU (qmin = zp_out), the bias (offset) and the scale change are one rounding.
+    `joint_dyadic` chooses shifts that keep the int64 sum in range (no overflow check here).
+
+    >>> requantize([np.array([[10, 15, -10, 1000]])], np.array([[1 << 30]]), np.array([32]), np.array([0]), [0], 0, -8, 7).tolist()
+    [[3, 4, -2, 7]]
+    """
+    m = np.asarray(multiplier, np.int64).reshape(len(terms), -1)
+    rank = max(np.ndim(t) for t in terms)
+
+    def along(p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p, np.int64).reshape(-1)
+        if p.size == 1:
+            return p.reshape(())
+        shape = [1] * rank
         shape[axis] = -1
         return p.reshape(shape)
 
-    m0, n = per_channel(multiplier), per_channel(shift)
-    rounding = torch.where(n > 0, torch.ones_like(n) << torch.clamp(n - 1, min=0), torch.zeros_like(n))
-    q = torch.bitwise_right_shift(acc * m0 + rounding, n) + zero_point
-    return torch.clamp(q, qmin, qmax)
+    acc = np.zeros(np.broadcast_shapes(*(np.shape(t) for t in terms)), dtype=np.int64)
+    for i, t in enumerate(terms):
+        acc = acc + (np.asarray(t, np.int64) - int(input_zero_points[i])) * along(m[i])
+    n = along(shift)
+    rounding = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
+    q = np.right_shift(acc + along(offset) + rounding, n) + output_zero_point
+    return np.clip(q, qmin, qmax)

@@ -9,6 +9,19 @@ ROUNDINGS = ("half_up",)
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def check_bits(bits: Any) -> None:
+    """The one bit-width rule (specs, configs, flags): an integer in MIN_BITS..MAX_BITS, else ValueError.
+
+    >>> check_bits(4)
+    >>> check_bits(4.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: must be an integer in 2..8
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"must be an integer in {MIN_BITS}..{MAX_BITS}")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is mapped to integers: r = scale * (q - zero_point).
@@ -36,8 +49,10 @@ class QuantSpec:
     rounding: str = "half_up"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
+        try:
+            check_bits(self.bits)
+        except ValueError as e:
+            raise ValueError(f"bits {e}, got {self.bits!r}") from None
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.rounding not in ROUNDINGS:

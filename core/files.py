@@ -1,0 +1,46 @@
+"""Atomic file writes (a temp file in the same folder, fsync, rename: never a half-written file) and hashing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def atomic_write(path: str | Path, mode: str, write: Callable[[IO], None]) -> None:
+    """Call `write(file)` on a temp file next to `path`, fsync it, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    """Indented JSON with a final newline, atomically."""
+    atomic_write(path, "w", lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically."""
+    import torch
+
+    atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
