@@ -91,3 +91,12 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path: Path) -> None:
         assert "runtime.model" in imports(path)
     finally:
         path.unlink()
+
+
+def test_readme_layout_names_every_module() -> None:
+    """Every module of the packages appears in the README's layout section (by file or folder name)."""
+    text = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    missing = [str(p.relative_to(REPO)) for layer in LAYERS for p in (REPO / layer).rglob("*.py")
+               if p.name != "__init__.py" and p.name not in layout and p.stem not in layout]
+    assert not missing, f"README layout lacks {missing}"
