@@ -22,7 +22,7 @@ from core.errors import DFQFError
 from core.files import sha256_file
 from train.student import load_student
 
-from .artifact import LIBRARY, ONNX, TUNING, params_bytes, write_artifact
+from .artifact import LIBRARY, ONNX, TUNING, ArtifactWriter, params_bytes
 from .graph import IntGraph
 from .integerize import integerize
 
@@ -100,49 +100,50 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
     chosen = select_schedules(target, tvm_target, opts.schedules)  # fail early
     schedules = chosen.name if chosen is not None else NO_SCHEDULES
     given = tuner.load_tuning(opts.tuning) if opts.tuning is not None else None  # fail early on a bad file
-    t0 = time.perf_counter()
-    graph, ckpt = student_graph(opts.student)
-    log(f"integer graph: {len(graph.nodes)} nodes ({time.perf_counter() - t0:.1f} s)")
-    tuned = None
-    if opts.tune or given is not None:
-        requests = tuner.kernel_requests(graph, chosen)
-        if not requests:
-            log(f"tuning: target {target} with schedules {schedules} has no hand-scheduled conv kernels; "
-                "nothing to tune")
-        else:
-            known = tuner.matching(given, requests) if given is not None else {}
-            if given is not None:
-                log(f"tuning: {len(known)} of {len(requests)} kernels from {opts.tuning}"
-                    + ("" if given.get("target") == str(tvm_target) else f" (tuned for {given.get('target')})"))
-            tuned = tuner.tune(requests, tvm_target, opts.tune or 0.0, known, log=log)
-            s = tuner.summary(tuned)
-            log(f"tuning: {s['tuned']} kernels timed, {s['from_file']} from file, {s['default']} default tile "
-                f"({s['seconds']:.1f} s)")
-    t1 = time.perf_counter()
-    executable = compile_graph(graph, target, schedules=schedules, tiles=tuner.tiles(tuned) if tuned else None,
-                               **target_opts)
-    compile_seconds = time.perf_counter() - t1
-    log(f"TVM {target} build, schedules {schedules}: {compile_seconds:.1f} s")
-    files = {LIBRARY: lambda p: export_library(executable, p)}
-    if tuned is not None:
-        files[TUNING] = lambda p: p.write_text(json.dumps(tuned, indent=1) + "\n")
-    if opts.onnx:
-        from .onnx_export import save_onnx, to_onnx_qdq
+    with ArtifactWriter(opts.out_dir, opts.force) as writer:  # --out is claimed (and checked) before the build
+        t0 = time.perf_counter()
+        graph, ckpt = student_graph(opts.student)
+        log(f"integer graph: {len(graph.nodes)} nodes ({time.perf_counter() - t0:.1f} s)")
+        tuned = None
+        if opts.tune or given is not None:
+            requests = tuner.kernel_requests(graph, chosen)
+            if not requests:
+                log(f"tuning: target {target} with schedules {schedules} has no hand-scheduled conv kernels; "
+                    "nothing to tune")
+            else:
+                known = tuner.matching(given, requests) if given is not None else {}
+                if given is not None:
+                    log(f"tuning: {len(known)} of {len(requests)} kernels from {opts.tuning}"
+                        + ("" if given.get("target") == str(tvm_target) else f" (tuned for {given.get('target')})"))
+                tuned = tuner.tune(requests, tvm_target, opts.tune or 0.0, known, log=log)
+                s = tuner.summary(tuned)
+                log(f"tuning: {s['tuned']} kernels timed, {s['from_file']} from file, {s['default']} default tile "
+                    f"({s['seconds']:.1f} s)")
+        t1 = time.perf_counter()
+        executable = compile_graph(graph, target, schedules=schedules, tiles=tuner.tiles(tuned) if tuned else None,
+                                   **target_opts)
+        compile_seconds = time.perf_counter() - t1
+        log(f"TVM {target} build, schedules {schedules}: {compile_seconds:.1f} s")
+        files = {LIBRARY: lambda p: export_library(executable, p)}
+        if tuned is not None:
+            files[TUNING] = lambda p: p.write_text(json.dumps(tuned, indent=1) + "\n")
+        if opts.onnx:
+            from .onnx_export import save_onnx, to_onnx_qdq
 
-        files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=opts.onnx_fold_bias), p)
-    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": target, "target_dict": target_dict(target, **target_opts), "schedules": schedules,
-            "versions": versions(),
-            "student": {"path": str(opts.student), "sha256": sha256_file(opts.student), "arch": ckpt["arch"],
-                        "method": ckpt.get("method"), "quant_config": ckpt["quant_config"]},
-            "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["N", *graph.input_shape]},
-            "output": {"dtype": "int32", "classes": int(graph.tensors[graph.output].shape[-1]),
-                       "real_logits": "int32 output * graph output scale (graph.json tensors[output].scale)"},
-            "onnx": {"exported": True, "fold_bias": opts.onnx_fold_bias} if opts.onnx else {"exported": False},
-            "bits": bits_per_layer(graph), "param_bytes": params_bytes(graph),
-            "compile_seconds": round(compile_seconds, 2),
-            **({"tuning": {**tuner.summary(tuned), "file": TUNING}} if tuned is not None else {})}
-    manifest = write_artifact(opts.out_dir, graph, info, files, opts.force)
+            files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=opts.onnx_fold_bias), p)
+        info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "target": target, "target_dict": target_dict(target, **target_opts), "schedules": schedules,
+                "versions": versions(),
+                "student": {"path": str(opts.student), "sha256": sha256_file(opts.student), "arch": ckpt["arch"],
+                            "method": ckpt.get("method"), "quant_config": ckpt["quant_config"]},
+                "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["N", *graph.input_shape]},
+                "output": {"dtype": "int32", "classes": int(graph.tensors[graph.output].shape[-1]),
+                           "real_logits": "int32 output * graph output scale (graph.json tensors[output].scale)"},
+                "onnx": {"exported": True, "fold_bias": opts.onnx_fold_bias} if opts.onnx else {"exported": False},
+                "bits": bits_per_layer(graph), "param_bytes": params_bytes(graph),
+                "compile_seconds": round(compile_seconds, 2),
+                **({"tuning": {**tuner.summary(tuned), "file": TUNING}} if tuned is not None else {})}
+        manifest = writer.write(graph, info, files)
     log(f"wrote {opts.out_dir} ({time.perf_counter() - t0:.1f} s in all)")
     return manifest
 

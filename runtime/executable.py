@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from core.errors import DFQFError
+from core.errors import DFQFError, first_line
 from lower.targets import TARGETS, target_spec
 
 
@@ -67,8 +67,12 @@ class IntegerExecutable:
             return params
         tensors = [p if isinstance(p, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(p), self.device)
                    for p in params]
-        if self.transform_params:
-            tensors = list(self.vm[TRANSFORM_PARAMS](tensors))
+        try:
+            if self.transform_params:
+                tensors = list(self.vm[TRANSFORM_PARAMS](tensors))
+        except Exception as e:  # noqa: BLE001 - TVM reports shape/dtype mismatches as several exception types
+            raise DFQFError(f"the compiled module does not take these parameters ({first_line(e)}); "
+                            "model.so and params.npz/graph.json come from different compiles?") from None
         return PreparedParams(tensors)
 
     def __call__(self, pixels: np.ndarray, params: Sequence[Any]) -> np.ndarray:
@@ -85,7 +89,12 @@ class IntegerExecutable:
             self.input.copyfrom(np.ascontiguousarray(pixels))
         if self.max_threads > 1:
             cpu_threads(self.max_threads if len(pixels) >= self.parallel_min_batch else 1)
-        out = self.main(self.input, *self.upload(params))
+        params = self.upload(params)
+        try:
+            out = self.main(self.input, *params)
+        except Exception as e:  # noqa: BLE001
+            raise DFQFError(f"the compiled module failed on {list(pixels.shape)} images ({first_line(e)}); "
+                            "model.so and graph.json come from different compiles?") from None
         # on the CPU the logits are handed over without a copy (the returned array keeps them alive)
         return np.from_dlpack(out) if self.on_cpu else out.numpy()
 
@@ -104,7 +113,11 @@ def load_executable(path: str | os.PathLike, device: str | tvm.runtime.Device = 
     dev = _device(device)
     if not dev.exist:
         raise DFQFError(f"device {dev} is not available on this machine")
-    return IntegerExecutable(tvm.runtime.load_module(str(path)), dev)
+    try:
+        module = tvm.runtime.load_module(str(path))
+        return IntegerExecutable(module, dev)
+    except Exception as e:  # noqa: BLE001 - not a shared library, or not a Relax VM executable
+        raise DFQFError(f"cannot load the compiled library {path}: {first_line(e)}") from None
 
 
 def run_executable(executable: relax.VMExecutable, pixels: np.ndarray, params: Sequence[Any],

@@ -15,51 +15,49 @@ from typing import Any
 import numpy as np
 
 from core.errors import DFQFError
-from lower.artifact import LIBRARY, ONNX, load_graph, read_manifest
+from lower.artifact import GRAPH, LIBRARY, ONNX, PARAMS, load_graph, read_manifest
 from lower.graph import IntGraph
 
 DEVICE_OF_TARGET = {"llvm": "cpu", "cuda": "cuda"}
+
+
+def _batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise DFQFError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 class IntegerModel:
     """The integer graph of an artifact, compiled by TVM, on one device."""
 
     def __init__(self, artifact: str | Path, device: str | None = None) -> None:
-        from lower.params import param_order
+        from lower.params import pack_params
 
         from .executable import load_executable
 
         self.path = Path(artifact)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, required=(GRAPH, PARAMS, LIBRARY))
         self.graph = load_graph(self.path, verify=False)
-        if LIBRARY not in self.manifest["files"]:
-            raise DFQFError(f"{self.path} holds no compiled library ({LIBRARY})")
         target = self.manifest.get("target", "llvm")
         self.device = device or DEVICE_OF_TARGET.get(target, "cpu")
         if DEVICE_OF_TARGET.get(target) != self.device:
             raise DFQFError(f"{self.path} was compiled for {target}; it runs on {DEVICE_OF_TARGET.get(target)}, "
                             f"not {self.device}")
-        with np.load(self.path / "params.npz") as z:
-            stored = {k: z[k] for k in z.files}
-        params = []
-        for key, shape, dtype in param_order(self.graph):
-            a = stored.get(key)
-            if a is None or tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
-                raise DFQFError(f"{self.path}: parameter {key} is missing or not {dtype}{list(shape)}")
-            params.append(a)
         self.executable = load_executable(self.path / LIBRARY, self.device)
         self.executable.parallel_min_batch = parallel_min_batch(self.graph)
-        self.params = self.executable.upload(params)
+        self.params = self.executable.upload(pack_params(self.graph))
         self.scale = self.graph.output_scale.astype(np.float32)
 
     def predict_int(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """The int32 logits of uint8 [N, H, W, C] images, `batch_size` images per call."""
+        batch_size = _batch_size(batch_size)
         x = self.graph.check_images(images)
         outs = [self.executable(x[i:i + batch_size], self.params) for i in range(0, len(x), batch_size)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.scale)), np.int32)
 
     def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
-        """Real logits: the int32 output times its per-class scale (the only float op, after the graph)."""
-        return self.predict_int(images, batch_size) * self.scale
+        """Real logits, float32: the int32 output times its per-class scale (the only float op, after the graph)."""
+        return (self.predict_int(images, batch_size) * self.scale).astype(np.float32)
 
 
 def parallel_min_batch(graph: IntGraph) -> int:

@@ -155,12 +155,20 @@ def _check_out(out: Path) -> None:
         raise DFQFError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data_dir: Path, split: str,
-                  limit: int | None, seed: int) -> dict[str, Any]:
-    """FP and quantized top-1 on the same images."""
+def evaluation_split(info: ArchInfo, data_dir: Path | None, split: str, limit: int | None,
+                     seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The images the report's top-1 is measured on (None without a data folder or for data-set-less archs);
+    read before quantizing, so a bad data folder fails before any work."""
+    if data_dir is None or info.dataset not in ("cifar10", "cifar100"):
+        return None
     x, y = load_split(data_dir, info.dataset, split)
-    if limit is not None:
-        x, y = subset(x, y, limit, seed)
+    return subset(x, y, limit, seed) if limit is not None else (x, y)
+
+
+def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data: tuple[np.ndarray, np.ndarray],
+                  split: str) -> dict[str, Any]:
+    """FP and quantized top-1 on the same images."""
+    x, y = data
     fp, n = evaluate_top1(teacher, image_batches(x, y, info.mean, info.std, 500))
     q, _ = evaluate_top1(student, image_batches(x, y, info.mean, info.std, 500))
     return {"fp_top1": round(fp, 2), "quant_top1": round(q, 2), "eval_images": n, "split": split}
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     _check_out(out)
     data_dir = optional_data_dir(args.data_dir)
+    eval_data = evaluation_split(info, data_dir, args.split, args.eval_limit, args.seed)
     weights = resolve_weights(args.arch, args.weights)
     teacher = load_teacher(args.arch, weights)
     method, data_free = METHODS[args.method]
@@ -192,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "observer": args.observer if args.method != "dfq" else "bn-statistics",
         "quantize_seconds": round(seconds, 2), **details, **meta,
     }
-    if data_dir is not None and info.dataset in ("cifar10", "cifar100"):
-        report.update(evaluate_pair(teacher, student, info, data_dir, args.split, args.eval_limit, args.seed))
+    if eval_data is not None:
+        report.update(evaluate_pair(teacher, student, info, eval_data, args.split))
     write_json_atomic(report, out / "report.json")
     print(json.dumps(report))
     return 0

@@ -28,7 +28,7 @@ from core.errors import DFQFError, first_line
 from core.files import atomic_torch_save
 
 from .models import build_model, get_arch
-from .models.registry import load_state_dict_strict
+from .models.registry import check_finite, load_state_dict_strict
 from .quant.convert import QuantConfig, quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .quant.spec import QuantSpec
@@ -96,6 +96,7 @@ def load_student(path: Path) -> tuple[fx.GraphModule, dict[str, Any]]:
         if not isinstance(ckpt["state_dict"], dict):
             raise TypeError("state_dict is not a dict")
         load_state_dict_strict(student, ckpt["state_dict"], f"{path}: state_dict")
+        check_finite(ckpt["state_dict"], f"student {path}")
         stored = ckpt["quantizers"]
         for name, q in quantizer_table(student).items():
             if name not in stored:

@@ -124,7 +124,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DFQFError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    check_finite(state, f"weights file {path}")
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Every floating-point tensor of `state` is finite, else a DFQFError naming the first that is not."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise DFQFError(f"{what}: tensor {k} holds {bad} NaN/inf value(s)")
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
