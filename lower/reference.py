@@ -40,35 +40,44 @@ def _windows(x: Array, kernel: tuple[int, int], stride: tuple[int, int], dilatio
     return win[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
 
 
-_EXACT_F64 = 2**53  # integers below this are exact in float64, so BLAS computes integer dot products exactly
+def exact_float(bound: float) -> type:
+    """The narrowest float type whose arithmetic is exact on integers up to `bound` in magnitude: float32 below
+    2^24, float64 below 2^53. A dot product of integers computed in it by any BLAS/im2col kernel, in any
+    summation order, is exact when `bound` bounds the sum of the absolute products (every partial sum and
+    every product is then an integer of at most `bound`)."""
+    if bound < 2**24:
+        return np.float32
+    if bound < 2**53:
+        return np.float64
+    raise DFQFError(f"an integer dot product of bound {bound:.3g} exceeds the exact range of float64")
 
 
 def _exact_matmul(a: Array, b: Array) -> Array:
-    """Integer a @ b through float64 BLAS, exact because every partial sum stays below 2^53."""
-    bound = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * a.shape[-1]
-    if bound >= _EXACT_F64:
-        return np.asarray(a, np.int64) @ np.asarray(b, np.int64)
-    return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    """Integer a @ b through BLAS in the narrowest exact float type (`exact_float`)."""
+    dtype = exact_float(float(np.abs(a).max(initial=0)) * float(np.abs(b).sum(axis=0).max(initial=0)))
+    return (a.astype(dtype) @ b.astype(dtype)).astype(np.int64)
 
 
 def conv2d(x: Array, weight: Array, bias: Array, stride, padding, dilation, groups: int, input_zero_point: int) -> Array:
     """acc = sum((x - zp) * w) + bias over each window, in int64; zero padding of (x - zp).
 
+    The dot products run as a torch convolution (direct or im2col + GEMM; NNPACK, whose Winograd and FFT
+    transforms would round, is off) in the narrowest exact float type for this layer (`exact_float` of
+    max|x - zp| * max_o sum|w_o|), so they are exact integers.
+
     >>> conv2d(np.array([[[[3, 4], [5, 6]]]]), np.ones((1, 1, 2, 2), np.int8), np.array([1]), (1, 1), (0, 0), (1, 1), 1, 2).tolist()
     [[[[11]]]]
     """
-    xs = _pad_spatial(np.asarray(x, np.int64) - input_zero_point, tuple(padding), 0)
+    import torch
+    import torch.nn.functional as F
+
+    d = np.asarray(x, np.int64) - input_zero_point
     w = np.asarray(weight, np.int64)
-    o, cin_g, kh, kw = w.shape
-    win = _windows(xs, (kh, kw), tuple(stride), tuple(dilation))  # N, Cin, OH, OW, kh, kw
-    n, _, oh, ow = win.shape[:4]
-    og = o // groups
-    outs = []
-    for g in range(groups):
-        cols = win[:, g * cin_g:(g + 1) * cin_g].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
-        outs.append(_exact_matmul(cols, w[g * og:(g + 1) * og].reshape(og, -1).T))
-    acc = np.concatenate(outs, axis=1).reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
-    return acc + np.asarray(bias, np.int64).reshape(1, -1, 1, 1)
+    dtype = exact_float(float(np.abs(d).max(initial=0)) * float(np.abs(w).reshape(len(w), -1).sum(axis=1).max(initial=0)))
+    with torch.backends.nnpack.flags(enabled=False), torch.inference_mode():
+        acc = F.conv2d(torch.from_numpy(d.astype(dtype)), torch.from_numpy(w.astype(dtype)), None, tuple(stride),
+                       tuple(padding), tuple(dilation), int(groups))
+    return acc.numpy().astype(np.int64) + np.asarray(bias, np.int64).reshape(1, -1, 1, 1)
 
 
 def dense(x: Array, weight: Array, bias: Array, input_zero_point: int) -> Array:

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from lower.graph import IntGraph
-from train.quant.primitives import round_half_up_np
+from train.quant.primitives import round_half_up
 
 
 class _Recorder(fx.Interpreter):
@@ -42,33 +42,35 @@ def compared_tensors(graph: IntGraph) -> list[str]:
 
 
 def fakequant_codes(graph: IntGraph, name: str, fakequant: torch.Tensor) -> np.ndarray:
-    """The integer codes a fake-quant tensor stands for (it holds scale * (code - zero_point))."""
+    """The integer codes (int32) a fake-quant tensor stands for: it holds scale * (code - zero_point) in
+    float32, so value / scale is within a few ulp of an integer, which rounding recovers exactly (a value the
+    student did not round, one that is off the grid, would be found as a difference of codes: that is the
+    comparison's purpose)."""
     info = graph.tensors[name]
-    f = fakequant.double().numpy()
-    scale = np.asarray(info.scale, np.float64)
-    if scale.size > 1:
-        scale = scale.reshape((1, -1) + (1,) * (f.ndim - 2))
-    return (round_half_up_np(f / scale) + info.zero_point).astype(np.int64)
+    scale = torch.tensor(info.scale, dtype=torch.float64)
+    if scale.numel() > 1:
+        scale = scale.reshape((1, -1) + (1,) * (fakequant.dim() - 2))
+    q = round_half_up(fakequant.double() / (scale if scale.numel() > 1 else float(scale)))
+    return (q.to(torch.int32) + info.zero_point).numpy()
 
 
-def lsb_diff(graph: IntGraph, name: str, fakequant: torch.Tensor, integer: np.ndarray) -> np.ndarray:
-    """|integer code - fake-quant code| of one tensor, elementwise, as int64."""
-    return np.abs(fakequant_codes(graph, name, fakequant) - integer.astype(np.int64))
+def student_codes(graph: IntGraph, fakequant: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """`fakequant_codes` of every compared tensor the student recorded (computed once per batch)."""
+    return {n: fakequant_codes(graph, n, fakequant[n]) for n in compared_tensors(graph) if n in fakequant}
 
 
-def isolated_layer_diffs(graph: IntGraph, fakequant: dict[str, torch.Tensor], pixels: np.ndarray) -> dict[str, int]:
+def isolated_layer_diffs(graph: IntGraph, codes: dict[str, np.ndarray], pixels: np.ndarray) -> dict[str, int]:
     """Max LSB difference per quantized tensor when every layer is fed the fake-quant student's codes
-    (so differences do not propagate): what one integer layer alone adds."""
+    (`student_codes`; so differences do not propagate): what one integer layer alone adds."""
     from lower.reference import run_graph
 
     worst: dict[str, int] = {}
 
     def feed(name: str, integer: np.ndarray) -> np.ndarray | None:
-        if name not in fakequant:
+        if name not in codes:
             return None
-        codes = fakequant_codes(graph, name, fakequant[name])
-        worst[name] = int(np.abs(codes - integer.astype(np.int64)).max(initial=0))
-        return codes
+        worst[name] = int(np.abs(codes[name] - integer.astype(np.int32)).max(initial=0))
+        return codes[name]
 
     run_graph(graph, pixels, observe=feed)
     return worst
@@ -84,9 +86,10 @@ class LayerDiffs:
         self.mismatch = {n: 0 for n in self.names}
         self.count = {n: 0 for n in self.names}
 
-    def update(self, fakequant: dict[str, torch.Tensor], integer: dict[str, np.ndarray]) -> None:
+    def update(self, codes: dict[str, np.ndarray], integer: dict[str, np.ndarray]) -> None:
+        """codes: `student_codes` of a batch; integer: the integer graph's tensors of the same images."""
         for n in self.names:
-            d = lsb_diff(self.graph, n, fakequant[n], integer[n])
+            d = np.abs(codes[n] - integer[n].astype(np.int32))
             self.max[n] = max(self.max[n], int(d.max(initial=0)))
             self.mismatch[n] += int((d > 0).sum())
             self.count[n] += d.size

@@ -19,7 +19,7 @@ from lower import reference as R
 from lower.artifact import PARAMS, load_graph, read_manifest, stored_params, write_artifact
 from lower.int4 import pack_int4, unpack_int4
 from lower.integerize import integerize, supported_ops
-from runtime.compare import LayerDiffs, fakequant_values, isolated_layer_diffs
+from runtime.compare import LayerDiffs, fakequant_values, isolated_layer_diffs, student_codes
 from train.quant.primitives import joint_dyadic
 
 
@@ -142,12 +142,13 @@ def test_integer_graph_matches_fakequant_student(tiny_students, bits):
     out = R.run_graph(g, px, observe=ints.__setitem__)
     diffs = LayerDiffs(g)
     fq_values = fakequant_values(student, normalize(px, info.mean, info.std).contiguous(), set(diffs.names))
-    diffs.update(fq_values, ints)
+    codes = student_codes(g, fq_values)
+    diffs.update(codes, ints)
     report = diffs.report()
     assert report["input_aq"]["max_lsb"] == 0  # the pixel lookup table is exact
     assert report["relu_aq"]["mismatch_fraction"] < 0.01  # float rounding in the student flips rare ties
     # each layer alone, fed the student's codes: at most one code off, at ties
-    isolated = isolated_layer_diffs(g, fq_values, px)
+    isolated = isolated_layer_diffs(g, codes, px)
     assert set(isolated) == set(diffs.names) and max(isolated.values()) <= 1, isolated
     with torch.no_grad():
         fq = student(normalize(px, info.mean, info.std).contiguous()).double().numpy()

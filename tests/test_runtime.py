@@ -117,14 +117,15 @@ def test_parity_cli_on_a_resnet20_student(shared_data: Path, tmp_path: Path):
     r = _cli("train.ptq", "--method", "dfq", "--weights", str(teacher), "--out", str(tmp_path / "ptq"))
     assert r.returncode == 0, r.stderr
     compile_student(CompileOptions(tmp_path / "ptq" / "student.pt", "llvm", tmp_path / "art"))
-    r = _cli("runtime.parity", str(tmp_path / "art"), "--data-dir", str(shared_data), "--limit", "100")
+    r = _cli("runtime.parity", str(tmp_path / "art"), "--data-dir", str(shared_data), "--limit", "100", "--fp64-all")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "art" / "parity.json").read_text())
     assert result["n"] == 100 and result["tvm_equals_reference"] is True
     assert result["integer_top1"] == result["reference_top1"]
     assert result["top1_agreement"] >= 0.99 and result["ort_top1_agreement"] >= 0.97
-    assert result["top1_agreement_vs_fp64_fakequant"] >= 0.99
+    assert result["top1_agreement_vs_fp64_fakequant"] >= 0.99 and result["fp64_images"] == 100
+    assert 0 <= result["disagreements_where_fp64_student_agrees_with_integer"] <= result["disagreements"] <= 1
     assert result["max_lsb_diff_per_layer"]["input_aq"] == 0
     assert max(result["isolated_max_lsb_diff_per_layer"].values()) <= 1
     assert {"fp_top1", "fakequant_top1", "ort_top1"} <= set(result)

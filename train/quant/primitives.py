@@ -219,9 +219,12 @@ def requantize(terms: list[np.ndarray], multiplier: np.ndarray, shift: np.ndarra
         return p.reshape(shape)
 
     acc = np.zeros(np.broadcast_shapes(*(np.shape(t) for t in terms)), dtype=np.int64)
-    for i, t in enumerate(terms):
-        acc = acc + (np.asarray(t, np.int64) - int(input_zero_points[i])) * along(m[i])
+    for i, t in enumerate(terms):  # in place: one temporary per term
+        term = np.subtract(t, int(input_zero_points[i]), dtype=np.int64)
+        term *= along(m[i])
+        acc += term
     n = along(shift)
-    rounding = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
-    q = np.right_shift(acc + along(offset) + rounding, n) + output_zero_point
-    return np.clip(q, qmin, qmax)
+    acc += along(offset) + np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
+    acc >>= n
+    acc += output_zero_point
+    return np.clip(acc, qmin, qmax, out=acc)
