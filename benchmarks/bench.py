@@ -28,7 +28,7 @@ import numpy as np
 
 from core.cli import check_fields, cli_main, distinct, each, int_list, option, parse_options, positive, str_list
 from core.errors import DFQFError, first_line
-from core.files import write_json_atomic
+from core.files import check_writable, write_json_atomic
 from lower.artifact import ONNX, load_graph, read_manifest
 from lower.graph import IntGraph
 
@@ -277,10 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(json.loads(Path(plan).read_text()), threads, out)
         return 0
     o = parse_options(BenchOptions, argv, "python -m benchmarks.bench", __doc__.splitlines()[0])
-    report = bench(o)
     if o.json_out:
-        write_json_atomic(report, o.json_out)
-    print(json.dumps(report))
+        try:
+            check_writable(o.json_out)
+        except OSError as e:
+            raise DFQFError(f"cannot write --json-out {o.json_out}: {e.strerror or e}") from None
+    report = bench(o)
+    print(json.dumps(report))  # first: a failing write below loses nothing
+    if o.json_out:
+        try:
+            write_json_atomic(report, o.json_out)
+        except OSError as e:
+            raise DFQFError(f"cannot write {o.json_out}: {e.strerror or e} (the report is the line above)") from None
     return 0
 
 

@@ -44,3 +44,35 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable(path: str | Path) -> None:
+    """A file can be created at `path` (its folder is made if needed): checked before long work, so that no
+    result is lost when it is written at the end. Raises OSError otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+        pass
+
+
+def load_torch_file(path: str | Path, what: str) -> Any:
+    """torch.load of a file a user may have received, with `weights_only=True`: tensors and plain data only,
+    never code. Every failure is one DFQFError naming `what` (a file with pickled objects is refused with
+    the reason, not torch's long advice on how to load it anyway)."""
+    import pickle
+
+    import torch
+
+    from .errors import DFQFError, first_line
+
+    path = Path(path)
+    if not path.is_file():
+        raise DFQFError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DFQFError(f"cannot read {what} {path}: it holds pickled Python objects, not only tensors and plain "
+                        "data; it is refused because loading it could run code (save a state_dict instead)"
+                        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated, garbage, not a torch file
+        raise DFQFError(f"cannot read {what} {path}: {first_line(e)}") from None

@@ -30,8 +30,9 @@ byte in artifacts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,6 +51,30 @@ OPS: dict[str, tuple[int | None, tuple[str, ...], tuple[str, ...]]] = {
     "strided_slice": (1, ("begin", "end", "step"), ()),
     "pad": (1, ("pads", "value"), ()),
     "reshape": (1, ("shape",), ()),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _ints(n: int | None = None) -> Callable[[Any], bool]:
+    """A list of integers (of length n)."""
+    return lambda v: isinstance(v, (list, tuple)) and (n is None or len(v) == n) and all(_is_int(x) for x in v)
+
+
+def _optional_ints(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(x is None or _is_int(x) for x in v)
+
+
+# attribute -> its type check (the attributes `OPS` requires)
+ATTR_TYPES: dict[str, Callable[[Any], bool]] = {
+    **{a: _is_int for a in ("groups", "input_zero_point", "weight_bits", "output_zero_point", "qmin", "qmax",
+                            "value")},
+    **{a: _ints(2) for a in ("stride", "padding", "dilation", "kernel")},
+    "input_zero_points": _ints(), "shape": _ints(),
+    "begin": _optional_ints, "end": _optional_ints, "step": _optional_ints,
+    "pads": lambda v: isinstance(v, (list, tuple)) and all(_ints(2)(p) for p in v),
 }
 
 
@@ -72,6 +97,14 @@ class TensorInfo:
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise DFQFError(f"storage dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        ok = (isinstance(self.shape, tuple) and all(_is_int(d) and d > 0 for d in self.shape)
+              and _is_int(self.bits) and 1 <= self.bits <= 32 and isinstance(self.signed, (bool, np.bool_))
+              and isinstance(self.scale, tuple) and len(self.scale) > 0
+              and all(isinstance(v, (float, int, np.floating)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                      for v in self.scale) and _is_int(self.zero_point))
+        if not ok:
+            raise DFQFError(f"malformed tensor info (shape {self.shape!r}, bits {self.bits!r}, signed {self.signed!r}, "
+                            f"scale {str(self.scale)[:60]}, zero point {self.zero_point!r})")
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -112,8 +145,14 @@ class IntGraph:
         self.validate()
 
     def validate(self) -> None:
+        if not (isinstance(self.input_name, str) and _ints(3)(self.input_shape) and min(self.input_shape) > 0
+                and isinstance(self.output, str) and isinstance(self.meta, dict)):
+            raise DFQFError(f"malformed integer graph (input {self.input_name!r} {self.input_shape!r}, "
+                            f"output {self.output!r})")
         seen = {self.input_name}
         for n in self.nodes:
+            if not (isinstance(n.attrs, dict) and isinstance(n.params, dict) and all(isinstance(i, str) for i in n.inputs)):
+                raise DFQFError(f"node {n.name!r} is malformed (attrs, params and inputs)")
             if n.op not in OPS:
                 raise DFQFError(f"unknown integer op {n.op!r} in node {n.name}; known: {', '.join(OPS)}")
             arity, attrs, params = OPS[n.op]
@@ -122,10 +161,18 @@ class IntGraph:
             missing = [a for a in attrs if a not in n.attrs] + [p for p in params if p not in n.params]
             if missing:
                 raise DFQFError(f"node {n.name} ({n.op}) lacks {', '.join(missing)}")
+            wrong = [a for a in attrs if not ATTR_TYPES[a](n.attrs[a])]
+            if wrong:
+                raise DFQFError(f"node {n.name} ({n.op}): malformed {', '.join(f'{a}={n.attrs[a]!r}' for a in wrong)}")
+            bad = [p for p in params if not (isinstance(n.params[p], np.ndarray) and n.params[p].dtype.kind in "iu")]
+            if bad:
+                raise DFQFError(f"node {n.name} ({n.op}): parameters {', '.join(bad)} are not integer arrays")
+            if n.op == "requantize" and len(n.attrs["input_zero_points"]) != len(n.inputs):
+                raise DFQFError(f"node {n.name}: {len(n.inputs)} terms but {len(n.attrs['input_zero_points'])} zero points")
             undefined = [i for i in n.inputs if i not in seen]
             if undefined:
                 raise DFQFError(f"node {n.name} reads {', '.join(undefined)} before it is computed")
-            if n.name in seen or n.name not in self.tensors:
+            if not isinstance(n.name, str) or n.name in seen or n.name not in self.tensors:
                 raise DFQFError(f"node {n.name} is defined twice or has no tensor info")
             seen.add(n.name)
         if self.output not in seen:

@@ -43,7 +43,7 @@ class IntegerModel:
         if DEVICE_OF_TARGET.get(target) != self.device:
             raise DFQFError(f"{self.path} was compiled for {target}; it runs on {DEVICE_OF_TARGET.get(target)}, "
                             f"not {self.device}")
-        self.executable = load_executable(self.path / LIBRARY, self.device)
+        self.executable = load_executable(self.path / LIBRARY, self.device, self.manifest["files"][LIBRARY]["sha256"])
         self.executable.parallel_min_batch = parallel_min_batch(self.graph)
         self.params = self.executable.upload(pack_params(self.graph))
         self.scale = self.graph.output_scale.astype(np.float32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from core.cli import check_fields, cli_main, one_of, option, parse_options, positive
 from core.errors import DFQFError
-from core.files import sha256_file, write_json_atomic
+from core.files import check_writable, sha256_file, write_json_atomic
 from core.paths import resolve_data_dir
 from core.pixels import normalize
 from lower.artifact import GRAPH, LIBRARY, ONNX, PARAMS, read_manifest
@@ -116,16 +115,6 @@ class Timer:
 
     def report(self) -> dict[str, float]:
         return {k: round(v, 2) for k, v in self.seconds.items()}
-
-
-def check_writable(path: Path) -> None:
-    """The report can be written to `path` (checked before the work, so no result is lost at the end)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}."):
-            pass
-    except OSError as e:
-        raise DFQFError(f"cannot write the report {path}: {e.strerror or e} (pass --json-out elsewhere)") from None
 
 
 def images(o: ParityOptions, dataset: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -227,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     o = parse_options(ParityOptions, argv, "python -m runtime.parity", __doc__.splitlines()[0])
     if not (o.artifact / "manifest.json").is_file():
         read_manifest(o.artifact)  # the clear "not an artifact" error before anything else
-    check_writable(o.report_path)
+    try:
+        check_writable(o.report_path)
+    except OSError as e:
+        raise DFQFError(f"cannot write the report {o.report_path}: {e.strerror or e} (pass --json-out elsewhere)"
+                        ) from None
     result = parity(o, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True))
     print(json.dumps(result))  # first: a failing write below loses nothing
     try:

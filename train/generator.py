@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.errors import DFQFError, first_line
-from core.files import atomic_torch_save
+from core.files import atomic_torch_save, load_torch_file
 
 FORMAT, VERSION = "dfqf.generator", 1
 
@@ -111,10 +111,7 @@ def save_generator(path: Path, g: Generator) -> None:
 def load_generator(path: Path) -> Generator:
     """The generator saved by `save_generator` (eval mode off: its BN layers use batch statistics when
     sampling, as during training); every problem is one DFQFError."""
-    try:
-        ck: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - missing, truncated or not a torch file
-        raise DFQFError(f"cannot read generator file {path}: {first_line(e)}") from None
+    ck: Any = load_torch_file(path, "generator file")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or ck.get("version") != VERSION:
         raise DFQFError(f"{path} is not a DFQF generator file (format {FORMAT!r}, version {VERSION})")
     try:

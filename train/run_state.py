@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from core.errors import DFQFError, first_line
-from core.files import atomic_torch_save
+from core.errors import DFQFError
+from core.files import atomic_torch_save, load_torch_file
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -59,10 +57,7 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, garbage or a pickle with code: refused alike
-        raise DFQFError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    ck = load_torch_file(path, "checkpoint")
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise DFQFError(f"{path} is not a train.dfqf checkpoint (lacks {', '.join(missing[:4])})")

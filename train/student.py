@@ -20,12 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from core.errors import DFQFError, first_line
-from core.files import atomic_torch_save
+from core.files import atomic_torch_save, load_torch_file
 
 from .models import build_model, get_arch
 from .models.registry import check_finite, load_state_dict_strict
@@ -71,12 +70,7 @@ def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: in
 def read_student(path: Path) -> dict[str, Any]:
     """The raw checkpoint dict, validated (format, version, required keys)."""
     path = Path(path)
-    if not path.is_file():
-        raise DFQFError(f"student file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DFQFError(f"cannot read student file {path}: {first_line(e)}") from None
+    ckpt = load_torch_file(path, "student file")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DFQFError(f"{path} is not a DFQF student checkpoint (format {FORMAT!r})")
     if ckpt.get("version") != VERSION:

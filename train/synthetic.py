@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from core.errors import DFQFError, first_line
-from core.files import atomic_torch_save
+from core.errors import DFQFError
+from core.files import atomic_torch_save, load_torch_file
 from core.pixels import normalize
 
 from .generator import to_uint8
@@ -77,10 +77,7 @@ class GeneratorImages:
 
     def load(self, job: "Job") -> Synthetic:
         path = job.out / SYNTHETIC
-        try:
-            synthetic = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise DFQFError(f"cannot read {path}: {first_line(e)} (delete the run folder to start over)") from None
+        synthetic = load_torch_file(path, "synthetic set")
         check_synthetic(synthetic, job, path)
         return synthetic
 

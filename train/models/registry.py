@@ -8,7 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from core.errors import DFQFError, first_line
+from core.errors import DFQFError
+from core.files import load_torch_file
 from core.paths import cache_dir, data_dir_from_env
 
 from .cifar_resnet import CifarResNet
@@ -115,10 +116,7 @@ def resolve_weights(arch: str, weights: str | Path | None) -> Path | None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state_dict saved by torch.save (plain, or wrapped as {'state_dict': ...} with 'module.')."""
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DFQFError(f"cannot read weights file {path}: not a torch.save checkpoint ({first_line(e)})") from None
+    obj: Any = load_torch_file(path, "weights file")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
