@@ -26,9 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from core.cli import check_fields, cli_main, distinct, each, int_list, option, parse_options, positive, str_list
+from core.cli import (
+    check_fields,
+    check_report_path,
+    cli_main,
+    distinct,
+    each,
+    emit_report,
+    int_list,
+    option,
+    parse_options,
+    positive,
+    str_list,
+)
 from core.errors import DFQFError, first_line
-from core.files import check_writable, write_json_atomic
 from lower.artifact import ONNX, load_graph, read_manifest
 from lower.graph import IntGraph
 
@@ -278,17 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     o = parse_options(BenchOptions, argv, "python -m benchmarks.bench", __doc__.splitlines()[0])
     if o.json_out:
-        try:
-            check_writable(o.json_out)
-        except OSError as e:
-            raise DFQFError(f"cannot write --json-out {o.json_out}: {e.strerror or e}") from None
-    report = bench(o)
-    print(json.dumps(report))  # first: a failing write below loses nothing
-    if o.json_out:
-        try:
-            write_json_atomic(report, o.json_out)
-        except OSError as e:
-            raise DFQFError(f"cannot write {o.json_out}: {e.strerror or e} (the report is the line above)") from None
+        check_report_path(o.json_out, "--json-out")
+    emit_report(bench(o), o.json_out)
     return 0
 
 

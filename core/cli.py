@@ -319,3 +319,26 @@ def parse_options(cls: type, argv: list[str] | None, prog: str, description: str
 def runtime_fields(cls: type) -> set[str]:
     """Fields marked runtime=True: they do not change a run's result."""
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime")}
+
+
+def check_report_path(path: Path, what: str) -> None:
+    """Before long work: the JSON report can be written to `path`, else a DFQFError naming `what` (a flag)."""
+    from .files import check_writable
+
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise DFQFError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def emit_report(report: dict[str, Any], path: Path | None) -> None:
+    """Print `report` as the last stdout line, then write it to `path` (atomically): a write that fails after
+    the work loses nothing, the error line says where the report is."""
+    from .files import write_json_atomic
+
+    print(json.dumps(report))
+    if path is not None:
+        try:
+            write_json_atomic(report, path)
+        except OSError as e:
+            raise DFQFError(f"cannot write {path}: {e.strerror or e} (the report is the line above)") from None

@@ -16,7 +16,6 @@ compiled from: same sha256), the teacher, the data and that the report can be wr
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.cli import check_fields, cli_main, one_of, option, parse_options, positive
+from core.cli import check_fields, check_report_path, cli_main, emit_report, one_of, option, parse_options, positive
 from core.errors import DFQFError
-from core.files import check_writable, sha256_file, write_json_atomic
+from core.files import sha256_file
 from core.paths import resolve_data_dir
 from core.pixels import normalize
 from lower.artifact import GRAPH, LIBRARY, ONNX, PARAMS, read_manifest
@@ -216,17 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     o = parse_options(ParityOptions, argv, "python -m runtime.parity", __doc__.splitlines()[0])
     if not (o.artifact / "manifest.json").is_file():
         read_manifest(o.artifact)  # the clear "not an artifact" error before anything else
-    try:
-        check_writable(o.report_path)
-    except OSError as e:
-        raise DFQFError(f"cannot write the report {o.report_path}: {e.strerror or e} (pass --json-out elsewhere)"
-                        ) from None
-    result = parity(o, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True))
-    print(json.dumps(result))  # first: a failing write below loses nothing
-    try:
-        write_json_atomic(result, o.report_path)
-    except OSError as e:
-        raise DFQFError(f"cannot write {o.report_path}: {e.strerror or e} (the report is the line above)") from None
+    check_report_path(o.report_path, "the report (--json-out)")
+    emit_report(parity(o, log=lambda m: print(f"[parity] {m}", file=sys.stderr, flush=True)), o.report_path)
     return 0
 
 

@@ -222,7 +222,7 @@ def test_parity_refuses_another_student_and_an_unwritable_report(tiny_artifact, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     line = one_error_line(main([str(tiny_artifact), "--json-out", str(blocker / "parity.json")]), capsys)
-    assert "cannot write the report" in line
+    assert "cannot write the report" in line and "--json-out" in line
 
 
 # -- defect 13: resume of a damaged run folder ---------------------------------------------------------------
