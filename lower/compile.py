@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.cli import check_fields, cli_main, option, parse_options, positive
+from core.cli import check_fields, cli_main, option, parse_options, positive, str_list
 from core.errors import DFQFError
 from core.files import sha256_file
 from train.student import load_student
@@ -60,6 +60,10 @@ class CompileOptions:
     target: str = option("llvm", "llvm (this CPU) or cuda")
     out: Path | None = option(None, "artifact folder (default artifacts/<student folder>/<target>)")
     cuda_arch: str | None = option(None, "CUDA architecture, e.g. sm_80 or sm_90 (default sm_80)")
+    mcpu: str | None = option(None, "llvm: build for this LLVM CPU name instead of this host (e.g. sapphirerapids, "
+                              "x86-64-v3); default: this host's name and, as mattr, the features it really has")
+    mattr: list[str] | None = option(None, "llvm: LLVM features to add or remove, e.g. +amx-int8,-avx512f",
+                                     parse=str_list)
     onnx: bool = option(True, "skip the ONNX QDQ export", flag="--no-onnx", switch=True)
     onnx_fold_bias: bool = option(False, "fold biases into int32 conv biases in the ONNX export: ORT fuses more "
                                   "convs into QLinearConv, but its results drift from the integer graph by one code "
@@ -87,7 +91,14 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
     seconds to spend timing register tiles (`lower.tune`); `opts.tuning`: an earlier tuning.json whose
     matching entries are used as they are."""
     from . import tune as tuner
-    from .targets import NO_SCHEDULES, TARGETS, make_target, select_schedules, target_dict  # TVM import: lazily
+    from .targets import (  # TVM: lazily
+        NO_SCHEDULES,
+        TARGETS,
+        make_target,
+        required_features,
+        select_schedules,
+        target_dict,
+    )
     from .tvm_build import compile_graph, export_library
 
     target = opts.target
@@ -95,7 +106,11 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
         raise DFQFError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     if not opts.student.is_file():
         raise DFQFError(f"student file not found: {opts.student}")
-    target_opts = {"arch": opts.cuda_arch} if opts.cuda_arch and target == "cuda" else {}
+    target_opts: dict[str, Any] = {"arch": opts.cuda_arch} if opts.cuda_arch and target == "cuda" else {}
+    if target == "llvm":
+        target_opts.update({k: v for k, v in (("mcpu", opts.mcpu), ("mattr", opts.mattr)) if v is not None})
+    elif opts.mcpu or opts.mattr:
+        raise DFQFError("--mcpu/--mattr apply to the llvm target only")
     tvm_target = make_target(target, **target_opts)
     chosen = select_schedules(target, tvm_target, opts.schedules)  # fail early
     schedules = chosen.name if chosen is not None else NO_SCHEDULES
@@ -133,6 +148,7 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
             files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=opts.onnx_fold_bias), p)
         info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "target": target, "target_dict": target_dict(target, **target_opts), "schedules": schedules,
+                "isa_features": required_features(tvm_target),
                 "versions": versions(),
                 "student": {"path": str(opts.student), "sha256": sha256_file(opts.student), "arch": ckpt["arch"],
                             "method": ckpt.get("method"), "quant_config": ckpt["quant_config"]},

@@ -10,6 +10,7 @@ targets without a matching set, use TVM's default loops.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import tvm
@@ -32,15 +33,67 @@ def host_cpu() -> str:
         return ""
 
 
+# /proc/cpuinfo flag -> LLVM feature: the x86 ISA extensions a compiled module may use. A CPU *name* does not
+# say which of them a machine has (a VM may call a Sapphire Rapids "rocketlake", without AMX, or hide AVX-512),
+# so targets are built from the host's own flags and artifacts record what they need.
+ISA_FEATURES = {
+    "sse4_1": "sse4.1", "sse4_2": "sse4.2", "sse4a": "sse4a", "avx": "avx", "avx2": "avx2", "fma": "fma",
+    "f16c": "f16c", "bmi1": "bmi", "bmi2": "bmi2", "avx_vnni": "avxvnni", "avx512f": "avx512f",
+    "avx512bw": "avx512bw", "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi", "avx512_vbmi2": "avx512vbmi2",
+    "avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16", "avx512_bitalg": "avx512bitalg",
+    "avx512_vpopcntdq": "avx512vpopcntdq", "avx512_fp16": "avx512fp16", "amx_tile": "amx-tile",
+    "amx_int8": "amx-int8", "amx_bf16": "amx-bf16",
+}
+
+
+def _cpu_features(mcpu: str, mattr: list[str] | None = None) -> frozenset[str]:
+    """The ISA features (`ISA_FEATURES` values) LLVM enables for `mcpu` with `mattr`."""
+    target = tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {}), **({"mattr": mattr} if mattr else {})})
+    return frozenset(f for f in tvm.target.codegen.llvm_get_cpu_features(target) if f in ISA_FEATURES.values())
+
+
+def host_features(cpuinfo: str | None = None) -> frozenset[str]:
+    """The ISA features this machine has, from the kernel's CPU flags (`cpuinfo`: the text of /proc/cpuinfo;
+    read when not given); where there is none, LLVM's view of the host CPU's name."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return _cpu_features(host_cpu())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return _cpu_features(host_cpu())
+    return frozenset(ISA_FEATURES[f] for f in flags if f in ISA_FEATURES)
+
+
+def host_mattr(mcpu: str, have: frozenset[str] | None = None) -> list[str]:
+    """The `mattr` that makes LLVM's `mcpu` match the features this host (or `have`) really has: + for what the
+    name lacks (AMX on a VM that says rocketlake), - for what the name promises but the host hides."""
+    have = host_features() if have is None else have
+    named = _cpu_features(mcpu)
+    return sorted(f"+{f}" for f in have - named) + sorted(f"-{f}" for f in named - have)
+
+
+def required_features(target: tvm.target.Target) -> list[str]:
+    """The ISA features a module built for `target` may use (what a host must have to run it)."""
+    if target.kind.name != "llvm":
+        return []
+    return sorted(f for f in tvm.target.codegen.llvm_get_cpu_features(target) if f in ISA_FEATURES.values())
+
+
 def gpu_arch(device_id: int = 0) -> str:
     """'sm_XY' of this machine's CUDA GPU (for builds that run here); DEFAULT_CUDA_ARCH without a GPU."""
     dev = tvm.cuda(device_id)
     return "sm_" + dev.compute_version.replace(".", "") if dev.exist else DEFAULT_CUDA_ARCH
 
 
-def _llvm_target(mcpu: str | None = None, **_: Any) -> tvm.target.Target:
-    mcpu = host_cpu() if mcpu is None else mcpu
-    return tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})})
+def _llvm_target(mcpu: str | None = None, mattr: list[str] | None = None, **_: Any) -> tvm.target.Target:
+    """This host (its CPU name and, as mattr, the features it really has), or the CPU `mcpu` / `mattr` name."""
+    if mcpu is None:
+        mcpu = host_cpu()
+        mattr = host_mattr(mcpu) + list(mattr or [])
+    return tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {}), **({"mattr": mattr} if mattr else {})})
 
 
 def _cuda_target(arch: str | None = None, host: dict | None = None, **_: Any) -> tvm.target.Target:
@@ -91,7 +144,7 @@ class TargetSpec:
 
 
 TARGETS: dict[str, TargetSpec] = {
-    "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu",),
+    "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu", "mattr"),
                        schedules=(X86_VNNI, X86_AVX2)),  # else: default loops
     "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
                        ("arch", "host")),

@@ -43,6 +43,7 @@ class IntegerModel:
         if DEVICE_OF_TARGET.get(target) != self.device:
             raise DFQFError(f"{self.path} was compiled for {target}; it runs on {DEVICE_OF_TARGET.get(target)}, "
                             f"not {self.device}")
+        check_host_features(self.path, self.manifest)
         self.executable = load_executable(self.path / LIBRARY, self.device, self.manifest["files"][LIBRARY]["sha256"])
         self.executable.parallel_min_batch = parallel_min_batch(self.graph)
         self.params = self.executable.upload(pack_params(self.graph))
@@ -58,6 +59,21 @@ class IntegerModel:
     def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Real logits, float32: the int32 output times its per-class scale (the only float op, after the graph)."""
         return (self.predict_int(images, batch_size) * self.scale).astype(np.float32)
+
+
+def check_host_features(path: Path, manifest: dict[str, Any]) -> None:
+    """The module's instruction set extensions (manifest "isa_features") are all on this host: never run a
+    module that would stop the process with an illegal instruction."""
+    from lower.targets import host_features
+
+    needed = manifest.get("isa_features", [])
+    if not isinstance(needed, list) or not all(isinstance(f, str) for f in needed):
+        raise DFQFError(f"{path}: malformed isa_features in the manifest")
+    missing = sorted(set(needed) - host_features())
+    if missing:
+        raise DFQFError(f"{path} was compiled for a CPU with {', '.join(missing)}, which this host lacks (it would "
+                        "crash with an illegal instruction): compile it here, or with lower.compile --mcpu/--mattr "
+                        "for this CPU")
 
 
 def parallel_min_batch(graph: IntGraph) -> int:
