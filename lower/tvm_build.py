@@ -110,11 +110,13 @@ class GraphBuilder:
         return self.bb.emit(e)
 
     def param(self, node: Node, key: str) -> relax.Expr:
-        """A node's parameter; packed int4 weights are unpacked to int8 of the original shape."""
+        """A node's parameter in the shape of `node.params[key]` (a view of the node, e.g. a dense as a 1x1 conv,
+        may reshape it); packed int4 weights are unpacked to int8."""
         var = self.params[f"{node.name}/{key}"]
-        if not packed_param(node, key):
-            return var
-        return self.unpack_int4(var, tuple(np.shape(node.params[key])))
+        shape = tuple(int(d) for d in np.shape(node.params[key]))
+        if packed_param(node, key):
+            return self.unpack_int4(var, shape)
+        return var if tuple(int(d) for d in var.ty.shape) == shape else self.emit(R.reshape(var, list(shape)))
 
     def unpack_int4(self, packed: relax.Expr, shape: tuple[int, ...]) -> relax.Expr:
         size, nbytes = int(np.prod(shape)), (int(np.prod(shape)) + 1) // 2
@@ -168,6 +170,10 @@ def _conv2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
 
 
 def _dense(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    if b.schedules is not None:  # a 1x1 conv on a 1x1 image, when the set covers it
+        acc = b.schedules.emit_dense(b, n, xs[0])
+        if acc is not None:
+            return acc
     x, dtype = _centered(xs[0], int(n.attrs["input_zero_point"]))
     acc = R.matmul(x, R.permute_dims(_cast(b.param(n, "weight"), dtype), [1, 0]), out_dtype="int32")
     return R.add(acc, R.reshape(b.param(n, "bias"), [1, -1]))

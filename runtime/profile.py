@@ -63,14 +63,20 @@ def record_kernel_calls(model, pixels: np.ndarray) -> list[tuple[str, Any, list[
     return calls
 
 
-def kernel_macs(args: list[Any]) -> int:
-    """MACs one call of a hand-scheduled x86 conv kernel does (`lower.schedules.x86_conv`): its output
-    [n, OH, OW, O_pad] times kh * kw * Cin4 of its packed weight, int8 [O/16, kh, kw, Cin4/4, 16, 4] (VNNI) or
-    int16 [O/8, kh, kw, Cin4/4, 2, 8, 2] (AVX2), whose second-to-last axis is the output lanes (padded channels
-    included: the kernel computes them); 0 for any other kernel."""
+def kernel_macs(symbol: str, args: list[Any]) -> int:
+    """MACs one call of a hand-scheduled x86 conv kernel does (`lower.schedules`): its output [n, OH, OW, O_pad]
+    times the taps per output of its packed weight, padded channels included (the kernel computes them):
+    kh * kw * Cin4 of int8 [O/16, kh, kw, Cin4/4, 16, 4] (VNNI) or int16 [O/8, kh, kw, Cin4/4, 2, 8, 2] (AVX2),
+    whose second-to-last axis is the output lanes; kh * kw of a depthwise kernel's int16 [kh, kw, C/lanes,
+    lanes]; 0 for any other kernel."""
     shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
+    if not shapes or len(shapes[-1]) != 4:
+        return 0
+    if "depthwise" in symbol:
+        weight = next((s for s, a in zip(shapes, args) if len(s) == 4 and str(a.dtype) == "int16"), None)
+        return int(np.prod(shapes[-1])) * weight[0] * weight[1] if weight else 0
     weights = [s for s, a in zip(shapes, args) if len(s) in (6, 7) and str(a.dtype) in ("int8", "int16")]
-    if not weights or len(shapes[-1]) != 4:
+    if not weights:
         return 0
     w = weights[0]
     return int(np.prod(shapes[-1])) * int(np.prod(w[1:])) // w[-2]
@@ -89,7 +95,7 @@ def profile(artifact: Path, batch: int, repeat: int) -> dict[str, Any]:
         row = rows.setdefault(symbol, {"kernel": symbol, "calls": 0, "ms": 0.0, "macs": 0})
         row["calls"] += 1
         row["ms"] += seconds * 1e3
-        row["macs"] += kernel_macs(args)
+        row["macs"] += kernel_macs(symbol, args)
     total = sum(r["ms"] for r in rows.values())
     table = sorted(rows.values(), key=lambda r: -r["ms"])
     for r in table:

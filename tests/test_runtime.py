@@ -147,8 +147,9 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
     report = profile(path, batch=2, repeat=1)
     assert report["kernel_calls"] == len(calls) == sum(r["calls"] for r in report["table"])
     assert report["kernels_ms"] > 0 and all(r["ms"] > 0 for r in report["table"])
-    # MACs: the x86 conv kernels compute every conv that `supports` admits, on output channels padded to
-    # the kernel's lanes (16 VNNI, 8 AVX2) and input channels padded to 4; nothing else is counted
+    # MACs: the x86 conv kernels compute every conv that `supports` admits and the dense layer (a 1x1 conv on a
+    # 1x1 image), on output channels padded to the kernel's lanes (16 VNNI, 8 AVX2) and input channels padded
+    # to 4; nothing else is counted
     g = model.graph
     expected = 0
     chosen = select_schedules("llvm", make_target("llvm"))
@@ -159,7 +160,10 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
                 o, cin, kh, kw = np.shape(node.params["weight"])
                 _, oh, ow = g.tensors[node.name].shape
                 expected += 2 * oh * ow * -(-o // lanes) * lanes * kh * kw * -(-cin // 4) * 4
-    assert sum(kernel_macs(args) for _, _, args in calls) == expected
+            elif node.op == "dense":
+                o, k = np.shape(node.params["weight"])
+                expected += 2 * -(-o // lanes) * lanes * -(-k // 4) * 4
+    assert sum(kernel_macs(symbol, args) for symbol, _, args in calls) == expected
     assert sum(r["macs"] for r in report["table"]) == expected
 
     assert main([str(path), "--batch", "1", "--repeat", "1"]) == 0

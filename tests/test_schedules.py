@@ -263,3 +263,39 @@ def test_kernel_pads_its_input_itself(family, in_dtype, zp, padding, stride, dil
     assert ('T.sblock("pad")' in func.script()) == has_pad_stage
     np.testing.assert_array_equal(got, expect)
 
+
+
+# -- depthwise convs and the dense layer (MobileNet, every classifier) ----------------------------------------
+@pytest.mark.parametrize("schedules,mcpu,host", [("x86_vnni", "znver4", "vnni"), ("x86_avx2", AVX2_CPU, "avx2")])
+@pytest.mark.parametrize("input_dtype,zp,stride,channels,bits", [
+    ("uint8", 7, (1, 1), 24, 8),  # 24 channels: a padded lane block
+    ("int8", -5, (2, 2), 16, 8),
+    ("uint8", 200, (2, 1), 20, 4),  # int4 weights, an odd stride
+])
+def test_depthwise_conv_matches_reference(schedules, mcpu, host, input_dtype, zp, stride, channels, bits):
+    """3x3 depthwise convs on their own kernel: requantize fused (ReLU6-like clamp), residual, and alone."""
+    if not (HOST_VNNI if host == "vnni" else HOST_AVX2):
+        pytest.skip(f"host CPU lacks {host}")
+    m = GraphMaker(4, input_dtype, zp)
+    a = m.requantize("a", [m.conv("c0", "q", channels, k=1, padding=(0, 0))], relu=True)
+    d = m.conv("dw", a, channels, stride=stride, groups=channels, bits=bits)
+    y = m.requantize("y", [d], relu=True)
+    m.requantize("z", [m.conv("dw2", y, channels, groups=channels), y])  # a residual term
+    m.conv("dw3", "z", channels, k=3, padding=(0, 0), groups=channels)  # unfused: the int32 accumulator out
+    g = m.graph()
+    kernels = [gv.name_hint for gv, _ in tb.build_relax(g, SCHEDULE_SETS[schedules]).functions_items()]
+    assert {k.split("_depthwise")[0] for k in kernels if "_depthwise" in k} == {"dw", "dw2", "dw3"}
+    assert_exact(g, schedules=schedules, mcpu=mcpu)
+
+
+@pytest.mark.parametrize("schedules,mcpu,host", [("x86_vnni", "znver4", "vnni"), ("x86_avx2", AVX2_CPU, "avx2")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_runs_on_the_conv_kernel(schedules, mcpu, host, bits):
+    if not (HOST_VNNI if host == "vnni" else HOST_AVX2):
+        pytest.skip(f"host CPU lacks {host}")
+    m = GraphMaker(6)
+    m.dense("fc", m.add("reshape", "fl", ["q"], {"shape": [3 * 8 * 8]}), 37, bits=bits)  # K = 192, O = 37
+    g = m.graph()
+    suffix = "_conv2d_vnni" if host == "vnni" else "_conv2d_avx2"
+    assert any(gv.name_hint == "fc" + suffix for gv, _ in tb.build_relax(g, SCHEDULE_SETS[schedules]).functions_items())
+    assert_exact(g, schedules=schedules, mcpu=mcpu)

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tvm import relax
+from tvm.relax import op as R
 
-from ..graph import Node
-from . import x86_avx2, x86_conv, x86_vnni
+from ..graph import Node, TensorInfo
+from . import x86_avx2, x86_conv, x86_depthwise, x86_vnni
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -29,13 +31,25 @@ class ScheduleSet:
     features: tuple[str, ...]
     conv2d: tuple[x86_conv.Family, ...]
 
-    def emit_conv2d(self, b: "GraphBuilder", node: Node, x: relax.Expr) -> relax.Expr | None:
+    def emit_conv2d(self, b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo | None = None
+                    ) -> relax.Expr | None:
         """The int32 accumulator of conv2d `node` from the first family that runs it, else None."""
         for family in self.conv2d:
-            acc = x86_conv.emit_conv2d(family, b, node, x)
+            acc = x86_conv.emit_conv2d(family, b, node, x, in_info)
             if acc is not None:
                 return acc
         return None
+
+    def emit_dense(self, b: "GraphBuilder", node: Node, x: relax.Expr) -> relax.Expr | None:
+        """The int32 accumulator [n, O] of dense `node` on x [n, K], as a 1x1 conv on a 1x1 image, else None."""
+        o, k = (int(d) for d in np.shape(node.params["weight"]))
+        conv = Node("conv2d", node.name, node.inputs,
+                    {**node.attrs, "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
+                    {"weight": np.reshape(node.params["weight"], (o, k, 1, 1)), "bias": node.params["bias"]})
+        info = b.graph.tensors[node.inputs[0]]
+        info = TensorInfo((k, 1, 1), info.dtype, info.bits, info.signed, info.scale, info.zero_point)
+        acc = self.emit_conv2d(b, conv, R.reshape(x, [b.batch, 1, 1, k]), info)
+        return None if acc is None else R.reshape(acc, [b.batch, o])
 
     def emit_conv2d_requantize(self, b: "GraphBuilder", conv: Node, rq: Node, x: relax.Expr,
                                terms: list[relax.Expr | None]) -> relax.Expr | None:
@@ -47,6 +61,6 @@ class ScheduleSet:
         return None
 
 
-X86_VNNI = ScheduleSet("x86_vnni", x86_vnni.VNNI_FEATURES, (x86_vnni.FAMILY,))
-X86_AVX2 = ScheduleSet("x86_avx2", x86_avx2.AVX2_FEATURES, (x86_avx2.FAMILY,))
+X86_VNNI = ScheduleSet("x86_vnni", x86_vnni.VNNI_FEATURES, (x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)))
+X86_AVX2 = ScheduleSet("x86_avx2", x86_avx2.AVX2_FEATURES, (x86_avx2.FAMILY, x86_depthwise.depthwise_family(8)))
 SCHEDULE_SETS: dict[str, ScheduleSet] = {s.name: s for s in (X86_VNNI, X86_AVX2)}

@@ -28,7 +28,7 @@ from tvm.relax import op as R
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from ..graph import Node
+from ..graph import Node, TensorInfo
 from . import x86_conv
 from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw
 
@@ -130,11 +130,11 @@ def conv2d_nhwc_s16(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel ---------------------------------------
-def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> KernelInputs | None:
+def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo | None = None) -> KernelInputs | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and its zero point;
     the packed int16 weight; the bias padded to O8 channels; the shapes. None if the kernel
     cannot run it exactly."""
-    k = x86_conv.geometry(b, node, LANES)
+    k = x86_conv.geometry(b, node, LANES, in_info)
     if k is None:
         return None
     weight = R.astype(b.param(node, "weight"), "int16")  # int4 weights: unpacked once here

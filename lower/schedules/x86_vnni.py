@@ -29,7 +29,7 @@ from tvm.relax import op as R
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from ..graph import Node
+from ..graph import Node, TensorInfo
 from . import x86_conv
 from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw, supports  # noqa: F401 (supports: this set's API)
 
@@ -125,11 +125,11 @@ def conv2d_nhwc_u8s8(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | Non
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel + bias correction -------------------
-def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr) -> KernelInputs | None:
+def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo | None = None) -> KernelInputs | None:
     """The kernel's inputs for conv2d `node` on x [n, H, W, Cin] (the builder's NHWC): x and zp_u, the packed
     weight, bias - zp_u * sum(w) padded to O16 channels, and the shapes; None if the
     kernel cannot run it exactly."""
-    k = x86_conv.geometry(b, node, LANES)
+    k = x86_conv.geometry(b, node, LANES, in_info)
     if k is None:
         return None
     zp_u = int(node.attrs["input_zero_point"]) + (128 if k.in_dtype == "int8" else 0)
