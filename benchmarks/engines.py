@@ -173,7 +173,9 @@ def _torch_int8(plan: dict[str, Any], threads: int) -> Runner:
     x = torch.from_numpy(calib[:2])
     with torch.no_grad():
         batch_dim = {"x": {0: torch.export.Dim("n", min=1, max=1 << 16)}}
-        exported = torch.export.export(model, (x,), dynamic_shapes=batch_dim)
+        # strict (Dynamo) tracing: the default non-strict export of torchvision ResNets (their in-place residual
+        # add) makes X86InductorQuantizer fail ("Input partition has more than one output node")
+        exported = torch.export.export(model, (x,), dynamic_shapes=batch_dim, strict=True)
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported.module(), quantizer)
         for i in range(0, len(calib), 64):

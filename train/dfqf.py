@@ -35,6 +35,7 @@ from .generator import save_generator
 from .losses import BNStatsHook, generator_loss, kd_loss
 from .quant.calibrate import calibrate_activations
 from .quant.convert import QuantConfig
+from .reconstruct import ReconstructionConfig, reconstruct
 from .samples import CIFAR10_CLASSES, save_sample_grid
 from .seeds import G_AUGMENT, S_BATCH
 from .student import save_student
@@ -121,15 +122,25 @@ def synthetic_set(job: Job) -> Synthetic:
 
 
 def start_fine_tuning(job: Job, synthetic: Synthetic) -> None:
-    """Activation ranges from the synthetic images (MSE observer); the EMA starts from this student."""
+    """Activation ranges from the synthetic images (MSE observer), then (with --recon-steps) block
+    reconstruction on them; the EMA starts from this student."""
     if job.stage != "generator":
         return
-    x = normalize(synthetic["images"][:1024], job.info.mean, job.info.std).to(job.d.device)
-    calibrate_activations(job.student, list(x.split(job.cfg.s_batch)), job.cfg.init_observer)
+    cfg, info = job.cfg, job.info
+    x = normalize(synthetic["images"][:1024], info.mean, info.std).to(job.d.device)
+    calibrate_activations(job.student, list(x.split(cfg.s_batch)), cfg.init_observer)
+    if job.evaluates:  # the starting point
+        job.record("calibrated", {"eval_top1": round(job.evaluate(job.student, cfg.eval_limit), 2)}, step=1)
+    if cfg.recon_steps:  # the same on every rank: seeded, on the same images
+        images = normalize(synthetic["images"][:cfg.recon_images], info.mean, info.std).to(job.d.device)
+        blocks = reconstruct(job.student, job.teacher, images,
+                             ReconstructionConfig(steps=cfg.recon_steps, seed=cfg.seed), log=job.log)
+        terms = {"blocks": len(blocks), "logits_mse": round(blocks[-1]["mse_after"], 6)}
+        if job.evaluates:
+            terms["eval_top1"] = round(job.evaluate(job.student, cfg.eval_limit), 2)
+        job.record("reconstructed", terms, step=1)
     if job.ema is not None:
         job.ema.reset(job.student)
-    if job.evaluates:  # the starting point of fine-tuning
-        job.record("calibrated", {"eval_top1": round(job.evaluate(job.student, job.cfg.eval_limit), 2)}, step=1)
     job.enter("student")
 
 

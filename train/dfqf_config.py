@@ -60,6 +60,9 @@ class DFQFConfig:
                           check=fraction)
     s_augment: bool = option(False, "random flip + shift of the synthetic images, teacher logits computed live")
     init_observer: str = option("mse", "range observer of the initial student", check=one_of(*OBSERVERS))
+    recon_steps: int = option(0, "block reconstruction before KD (train.reconstruct): steps per block, 0 = off",
+                              check=non_negative)
+    recon_images: int = option(1024, "synthetic images block reconstruction runs on", check=positive)
     # alternating schedule: S steps per G step, total steps
     alt_steps: int = option(3000, "alternating schedule: G steps", check=positive)
     alt_s_per_g: int = option(1, "alternating schedule: S steps per G step", check=positive)

@@ -8,6 +8,7 @@ data folder is given, time taken); the report is also the last stdout line. Meth
   minmax      ranges from Gaussian-noise inputs (data-free, naive)
   dfq         Nagel et al. 2019: cross-layer equalization, BN-statistics ranges, bias correction (data-free)
   zeroq       Cai et al. 2020: images distilled from BN statistics, then ranges calibrated on them (data-free)
+  recon       ZeroQ's images, then block reconstruction against the teacher (BRECQ/QDrop/Genie-style, data-free)
   real-calib  ranges calibrated on real training images — an upper bound, NOT data-free
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .models.registry import ArchInfo
 from .quant.calibrate import OBSERVERS, calibrate
 from .quant.convert import QuantConfig, quantize_model
 from .quant.spec import check_bits
+from .reconstruct import ReconstructionConfig, reconstruct
 from .student import save_student
 
 
@@ -87,6 +89,19 @@ def zeroq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
                      "distill_iterations": a.zeroq_iters, "distill_seconds": round(distill_s, 2)}
 
 
+def recon_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Genie-style data-free PTQ: ZeroQ's distilled images, calibration on them, then block reconstruction
+    (AdaRound rounding, LSQ activation steps, QDrop) of every block against the teacher on the same images."""
+    student, details = zeroq_method(ctx)
+    start = time.perf_counter()
+    blocks = reconstruct(student, ctx.teacher, ctx.distilled_images,
+                         ReconstructionConfig(steps=ctx.args.recon_steps, seed=ctx.args.seed),
+                         log=lambda m: print(f"recon {m}", file=sys.stderr, flush=True))
+    return student, {**details, "calibration_data": "ZeroQ distilled images + block reconstruction",
+                     "recon_steps": ctx.args.recon_steps, "recon_seconds": round(time.perf_counter() - start, 2),
+                     "recon_blocks": blocks}
+
+
 def real_calib_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
     if ctx.data_dir is None:
         raise DFQFError("--method real-calib needs real training images: pass --data-dir or set DFQF_DATA_DIR")
@@ -102,6 +117,7 @@ METHODS: dict[str, tuple[Callable[[PTQContext], tuple[fx.GraphModule, dict[str, 
     "minmax": (minmax_method, True),
     "dfq": (dfq_method, True),
     "zeroq": (zeroq_method, True),
+    "recon": (recon_method, True),
     "real-calib": (real_calib_method, False),
 }
 
@@ -123,6 +139,7 @@ class PTQOptions:
     eval_limit: int | None = option(None, "evaluate on a seeded random subset of this size", check=positive)
     calib_size: int = option(256, "calibration/distilled images", check=positive)
     zeroq_iters: int = option(500, "ZeroQ distillation steps per batch", check=positive)
+    recon_steps: int = option(400, "recon: block reconstruction steps per block", check=positive)
     batch_size: int = option(64, "images per calibration batch", check=positive)
     seed: int = option(0, "random seed")
 
