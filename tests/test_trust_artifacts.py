@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from core.errors import DFQFError
-from core.files import sha256_file
+from core.files import sha256_file, write_json_atomic
 from lower.compile import CompileOptions, compile_student
 from lower.compile import main as compile_main
 from runtime import load
@@ -88,6 +88,11 @@ def test_force_replaces_an_artifact_and_cleans_a_killed_writers_leftovers(tiny, 
     assert manifest["student"]["sha256"] == sha256_file(tiny["s4"]) and not stale.exists()
     assert load(out).graph.node("layer1_0_conv1").attrs["weight_bits"] == 4 and before
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
+
+
+def test_atomically_written_files_are_as_readable_as_any_other(tmp_path) -> None:
+    write_json_atomic({"a": 1}, tmp_path / "report.json")
+    assert oct((tmp_path / "report.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # not mkstemp's 0600
 
 
 def _umask() -> int:
