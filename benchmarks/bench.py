@@ -40,10 +40,10 @@ from core.cli import (
     str_list,
 )
 from core.errors import DFQFError, first_line
-from lower.artifact import ONNX, load_graph, read_manifest
+from lower.artifact import ONNX_FILES, load_graph, read_manifest
 from lower.graph import IntGraph
 
-from .engines import FP_ENGINES, Runner, engine_builders, prepare
+from .engines import FP_ENGINES, Runner, engine_builders, ort_engine_name, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = "ort_int8"  # the speed every engine is compared with
@@ -141,7 +141,8 @@ def artifact_entry(path: Path) -> tuple[str, dict[str, Any], IntGraph, dict[str,
     manifest = read_manifest(path)
     graph = load_graph(path)
     bits = int(manifest.get("student", {}).get("quant_config", {}).get("wbits", 8))
-    return f"int{bits}", {"path": str(path.resolve()), "onnx": ONNX in manifest["files"], "bits": bits}, graph, manifest
+    onnx = {v: str((path / f).resolve()) for v, f in ONNX_FILES.items() if f in manifest["files"]}
+    return f"int{bits}", {"path": str(path.resolve()), "onnx": onnx, "bits": bits}, graph, manifest
 
 
 def summarize(rows: list[dict[str, Any]], macs: int, peak_gmacs: float | None, int_engines: set[str]) -> None:
@@ -216,7 +217,7 @@ def bench(o: BenchOptions) -> dict[str, Any]:
         raise DFQFError(f"teacher weights not found: {teacher_path} (pass --teacher)")
     teacher_path = Path(teacher_path).resolve() if teacher_path else None
     known = (list(FP_ENGINES) + [f"tvm_{n}" for n in artifacts]
-             + [f"ort_dfqf_{n}" for n, a in artifacts.items() if a["onnx"]])
+             + [ort_engine_name(v, n) for n, a in artifacts.items() for v in a["onnx"]])
     engines = o.engines or known
     unknown = [e for e in engines if e not in known]
     if unknown:
@@ -224,6 +225,7 @@ def bench(o: BenchOptions) -> dict[str, Any]:
     h, w, c = graph.input_shape
     plan: dict[str, Any] = {
         "arch": ckpt["arch"], "arch_kwargs": ckpt.get("arch_kwargs", {}), "teacher": str(teacher_path or ""),
+        "student": str(student.resolve()),
         "mean": list(ckpt["input"]["mean"]), "std": list(ckpt["input"]["std"]), "input_shape": [h, w, c],
         "engines": engines, "artifacts": artifacts, "batch": o.batch, "repeat": o.repeat, "warmup": o.warmup,
         "budget": o.budget, "spin": o.spin, "files": {}, "unavailable": {}, "calibration": None}
@@ -262,7 +264,8 @@ def bench(o: BenchOptions) -> dict[str, Any]:
         rows += [{"engine": e, "batch": b, "threads": t, "status": "unavailable", "reason": reason}
                  for t in o.threads for b in o.batch]
     macs = graph.total_macs()
-    int_engines = {"torch_int8", "ort_int8", *(f"{p}_{n}" for n in artifacts for p in ("tvm", "ort_dfqf"))}
+    int_engines = {"torch_int8", "ort_int8", *(f"tvm_{n}" for n in artifacts),
+                   *(ort_engine_name(v, n) for n, a in artifacts.items() for v in a["onnx"])}
     summarize(rows, macs, vnni_peak_gmacs, int_engines)
     first = {r["engine"]: r for r in rows if r.get("batch") == o.batch[0] and r["threads"] == o.threads[0]}
     report: dict[str, Any] = {f"{e}_ms": first.get(e, {}).get("ms") for e in

@@ -6,7 +6,8 @@
   ort_int8         ort_fp32 through onnxruntime quantize_static (QDQ, per-channel s8 weights, u8 activations)
   tvm_fp32         the teacher through relax from_exported_program and TVM's default llvm pipeline
   tvm_int<b>       the artifact's compiled integer graph (`runtime.load`); b = its weight bits
-  ort_dfqf_int<b>  the artifact's own QDQ ONNX export under ONNX Runtime
+  ort_dfqf_int<b>  the artifact's own QDQ ONNX export under ONNX Runtime (the exact variant)
+  ort_dfqf_fast_int<b>  its fast variant: every conv and add on ORT's fused int8 kernels
 Every engine takes uint8 NHWC pixels (the FP ones normalize inside the model, as the integer graph does).
 `prepare` makes the teacher's files once, in the parent process; `engine_builders` builds the runners inside a
 worker process (one thread count).
@@ -20,7 +21,6 @@ from typing import Any, Callable
 import numpy as np
 
 from core.errors import first_line
-from lower.artifact import ONNX
 
 FP_ENGINES = ("torch_fp32", "torch_int8", "ort_fp32", "ort_int8", "tvm_fp32")
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -53,7 +53,11 @@ def pixel_model(teacher: Any, mean: list[float], std: list[float]) -> Any:
 
 def teacher_of(plan: dict[str, Any]) -> Any:
     from train.models import load_teacher
+    from train.models.registry import EXPORTED
+    from train.student import read_student
 
+    if plan["arch"].startswith(EXPORTED):
+        read_student(Path(plan["student"]))  # a user's exported model: registered from the student it carries
     teacher = Path(plan["teacher"]) if plan["teacher"] else None
     return pixel_model(load_teacher(plan["arch"], teacher, **plan["arch_kwargs"]), plan["mean"], plan["std"])
 
@@ -226,9 +230,13 @@ def engine_builders(plan: dict[str, Any]) -> dict[str, Callable[[dict[str, Any],
     }
     for name, art in plan["artifacts"].items():
         table[f"tvm_{name}"] = _tvm_int(art["path"])
-        if art["onnx"]:
-            table[f"ort_dfqf_{name}"] = (lambda path: lambda p, t: _ort_runner(path, t, p["spin"]))(
-                str(Path(art["path"]) / ONNX))
+        for variant, path in art["onnx"].items():
+            table[ort_engine_name(variant, name)] = (lambda path: lambda p, t: _ort_runner(path, t, p["spin"]))(path)
     return table
+
+
+def ort_engine_name(variant: str, artifact: str) -> str:
+    """ort_dfqf_int8 (the exact ONNX variant), ort_dfqf_fast_int8 (the fast one)."""
+    return f"ort_dfqf_{artifact}" if variant == "exact" else f"ort_dfqf_{variant}_{artifact}"
 
 

@@ -149,6 +149,21 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def float_list(text: str) -> list[float]:
+    """argparse type: '0.5,0.5,0.5' -> [0.5, 0.5, 0.5] (finite numbers).
+
+    >>> float_list("0.49,0.48,0.45")
+    [0.49, 0.48, 0.45]
+    """
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
 def str_list(text: str) -> list[str]:
     """argparse type: 'a,b' -> ['a', 'b'] (empty items dropped)."""
     return [v for v in text.split(",") if v]

@@ -5,7 +5,8 @@ manifest on load.
     DIR/graph.json      the integer graph's structure (lower.graph) and how its parameters are stored
     DIR/params.npz      integer parameters; weights of <= 4 bits packed two per byte (lower.int4)
     DIR/model.so        the TVM library (relax executable) for the target, when compiled
-    DIR/model.onnx      the ONNX QDQ export, when exported
+    DIR/model.onnx      the ONNX QDQ export, when exported: the exact variant (closest to the integer graph)
+    DIR/model_fast.onnx the fast variant (every conv and add on ONNX Runtime's fused int8 kernels)
     DIR/tuning.json     the register tiles of the conv kernels (lower.tune), when tuned or given
 
 Writing. `ArtifactWriter(out, overwrite)` claims `out` before the (long) build: an exclusive lock file next
@@ -44,6 +45,7 @@ from .params import packed_param
 
 FORMAT, VERSION = "dfqf.artifact", 1
 MANIFEST, GRAPH, PARAMS, LIBRARY, ONNX = "manifest.json", "graph.json", "params.npz", "model.so", "model.onnx"
+ONNX_FILES = {"exact": ONNX, "fast": "model_fast.onnx"}  # ONNX export variant (lower.onnx_export.VARIANTS) -> file
 TUNING = "tuning.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -190,6 +192,22 @@ def write_artifact(out: Path, graph: IntGraph, info: dict[str, Any],
         return writer.write(graph, info, extra)
 
 
+# The manifest's top-level fields that loaders read, with the type each must have when present.
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "target": str, "target_dict": dict, "schedules": str, "isa_features": list, "student": dict, "input": dict,
+    "output": dict, "graph_structure": str, "onnx": dict, "versions": dict, "created": str}
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    for key, kind in FIELD_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise DFQFError(f"{path}: malformed manifest field {key!r} ({type(manifest[key]).__name__})")
+    student = manifest.get("student", {})
+    for key, kind in (("path", str), ("sha256", str), ("quant_config", dict)):
+        if key in student and not isinstance(student[key], kind):
+            raise DFQFError(f"{path}: malformed manifest field 'student.{key}' ({type(student[key]).__name__})")
+
+
 def _check_files(path: Path, files: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(files, dict):
         raise DFQFError(f"{path}: 'files' must map file names to their sha256 and size")
@@ -218,6 +236,7 @@ def read_manifest(artifact: Path, required: tuple[str, ...] = (GRAPH, PARAMS)) -
     if manifest.get("version") != VERSION:
         raise DFQFError(f"{path}: unsupported artifact version {manifest.get('version')!r} (expected {VERSION})")
     files = _check_files(path, manifest.get("files"))
+    _check_fields(path, manifest)
     missing = [name for name in required if name not in files]
     if missing:
         raise DFQFError(f"{artifact}: the manifest does not list {', '.join(missing)}")

@@ -1,9 +1,10 @@
 """`python -m lower.compile STUDENT --target llvm|cuda --out DIR`: student.pt -> integer graph -> TVM + ONNX.
 
 STUDENT is a `student.pt` from `train.ptq` or `train.dfqf`. The artifact folder (lower.artifact) holds the
-integer graph and parameters, the compiled TVM library, the ONNX QDQ export and a manifest. `--tune SECONDS`
-times a few register tiles of each hand-scheduled conv kernel on this machine (`lower.tune`) and keeps the
-fastest, saved as tuning.json in the artifact; `--tuning FILE` reuses such a file.
+integer graph and parameters, the compiled TVM library, the ONNX QDQ exports (exact and fast variants) and a
+manifest; `--for-ort` restructures the integer graph as ONNX Runtime's fused int8 kernels compute it.
+`--tune SECONDS` times a few register tiles of each hand-scheduled conv kernel on this machine (`lower.tune`)
+and keeps the fastest, saved as tuning.json in the artifact; `--tuning FILE` reuses such a file.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from core.errors import DFQFError
 from core.files import sha256_file
 from train.student import load_student
 
-from .artifact import LIBRARY, ONNX, TUNING, ArtifactWriter, params_bytes
+from .artifact import LIBRARY, ONNX_FILES, TUNING, ArtifactWriter, params_bytes
 from .graph import IntGraph
 from .integerize import integerize
+from .ort_graph import for_ort
 
 
 def student_graph(path: Path) -> tuple[IntGraph, dict[str, Any]]:
@@ -65,9 +67,10 @@ class CompileOptions:
     mattr: list[str] | None = option(None, "llvm: LLVM features to add or remove, e.g. +amx-int8,-avx512f",
                                      parse=str_list)
     onnx: bool = option(True, "skip the ONNX QDQ export", flag="--no-onnx", switch=True)
-    onnx_fold_bias: bool = option(False, "fold biases into int32 conv biases in the ONNX export: ORT fuses more "
-                                  "convs into QLinearConv, but its results drift from the integer graph by one code "
-                                  "at some ties", switch=True)
+    for_ort: bool = option(False, "structure the integer graph as ONNX Runtime's fused int8 kernels compute it "
+                           "(biases in the int32 accumulators, residual convs rounded to int8 before the add; "
+                           "lower.ort_graph): the fast ONNX export then agrees with it, TVM runs the same graph",
+                           switch=True)
     schedules: str = option("auto", "hand-written kernels: auto (the best set this target's CPU features allow), "
                             "none (TVM's default loops), or a set of lower.targets.TARGETS, e.g. x86_vnni or x86_avx2")
     tune: float | None = option(None, "time a few register tiles of each hand-scheduled conv kernel on this machine "
@@ -118,6 +121,8 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
     with ArtifactWriter(opts.out_dir, opts.force) as writer:  # --out is claimed (and checked) before the build
         t0 = time.perf_counter()
         graph, ckpt = student_graph(opts.student)
+        if opts.for_ort:
+            graph = for_ort(graph)
         log(f"integer graph: {len(graph.nodes)} nodes ({time.perf_counter() - t0:.1f} s)")
         tuned = None
         if opts.tune or given is not None:
@@ -143,9 +148,10 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
         if tuned is not None:
             files[TUNING] = lambda p: p.write_text(json.dumps(tuned, indent=1) + "\n")
         if opts.onnx:
-            from .onnx_export import save_onnx, to_onnx_qdq
+            from .onnx_export import VARIANTS, save_onnx, to_onnx_qdq
 
-            files[ONNX] = lambda p: save_onnx(to_onnx_qdq(graph, fold_bias=opts.onnx_fold_bias), p)
+            for variant, name in ONNX_FILES.items():
+                files[name] = lambda p, v=variant: save_onnx(to_onnx_qdq(graph, **VARIANTS[v]), p)
         info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "target": target, "target_dict": target_dict(target, **target_opts), "schedules": schedules,
                 "isa_features": required_features(tvm_target),
@@ -155,7 +161,8 @@ def compile_student(opts: CompileOptions, log=lambda msg: None) -> dict[str, Any
                 "input": {"dtype": "uint8", "layout": "NHWC", "shape": ["N", *graph.input_shape]},
                 "output": {"dtype": "int32", "classes": int(graph.tensors[graph.output].shape[-1]),
                            "real_logits": "int32 output * graph output scale (graph.json tensors[output].scale)"},
-                "onnx": {"exported": True, "fold_bias": opts.onnx_fold_bias} if opts.onnx else {"exported": False},
+                "graph_structure": "ort" if opts.for_ort else "default",
+                "onnx": {"exported": True, "variants": ONNX_FILES} if opts.onnx else {"exported": False},
                 "bits": bits_per_layer(graph), "param_bytes": params_bytes(graph),
                 "compile_seconds": round(compile_seconds, 2),
                 **({"tuning": {**tuner.summary(tuned), "file": TUNING}} if tuned is not None else {})}

@@ -57,8 +57,8 @@ def _u8_offset(info: TensorInfo) -> int:
 class _Builder:
     """Accumulates ONNX nodes and initializers; `real[t]` is the ONNX name of integer tensor t's real value."""
 
-    def __init__(self, graph: IntGraph, int4: bool, fold_bias: bool) -> None:
-        self.graph, self.int4 = graph, int4
+    def __init__(self, graph: IntGraph, int4: bool, fold_bias: bool, split_sums: bool = False) -> None:
+        self.graph, self.int4, self.split_sums = graph, int4, split_sums
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.real: dict[str, str] = {}
@@ -188,15 +188,34 @@ def _dense(b: _Builder, n: Node) -> str:
 
 
 def _requantize(b: _Builder, n: Node) -> str:
-    total = b.real[n.inputs[0]]
-    for i, t in enumerate(n.inputs[1:], 1):
-        total = b.op("Add", [total, b.real[t]], f"{n.name}/sum{i}")
+    terms = [b.real[t] for t in n.inputs]
+    if b.split_sums and len(n.inputs) > 1:
+        terms = [_term_codes(b, n, t) if b.graph.tensors[t].dtype == "int32" else real
+                 for t, real in zip(n.inputs, terms)]
+    total = terms[0]
+    for i, term in enumerate(terms[1:], 1):
+        total = b.op("Add", [total, term], f"{n.name}/sum{i}")
     if np.any(n.params["offset"]) and not any(t in b.folded_bias for t in n.inputs):
         info = b.graph.tensors[n.name]
         bias = _requantize_bias(b.graph, n).reshape((-1,) + (1,) * (len(info.shape) - 1))
         total = b.op("Add", [total, b.const(f"{n.name}/bias", bias.astype(np.float32), TensorProto.FLOAT)],
                      f"{n.name}/biased")
     return b.quantize(n.name, total, (n.attrs["qmin"], n.attrs["qmax"]))
+
+
+def _term_codes(b: _Builder, n: Node, t: str) -> str:
+    """The `fast` variant: an int32 term of a sum (a residual block's conv) quantized on its own to int8 codes
+    (stored u8 + 128) at scale (qmax - qmin) * s_y / 127 — the output's whole range on each side of zero,
+    so a term is clipped only where the sum would saturate anyway — then DequantizeLinear: DQ -> Conv -> Q
+    and DQ -> Add -> Q are ORT's QLinearConv and QLinearAdd. A second rounding: up to half a term step."""
+    out = b.graph.tensors[n.name]
+    if len(out.scale) != 1:
+        raise DFQFError(f"{n.name}: splitting a per-channel quantized sum is not supported in the ONNX export")
+    scale = b.const(f"{t}/term_scale", np.float32((n.attrs["qmax"] - n.attrs["qmin"]) * out.scale[0] / 127),
+                    TensorProto.FLOAT)
+    zero = b.const(f"{t}/term_zero_point", np.uint8(128), TensorProto.UINT8)
+    q = b.op("QuantizeLinear", [b.real[t], scale, zero], f"{t}/term_q")
+    return b.op("DequantizeLinear", [q, scale, zero], f"{t}/term_real")
 
 
 def _requantize_bias(graph: IntGraph, n: Node) -> np.ndarray:
@@ -284,14 +303,23 @@ CONVERTERS: dict[str, Callable[[_Builder, Node], str]] = {
 }
 
 
-def to_onnx_qdq(graph: IntGraph, int4: bool = True, fold_bias: bool = True) -> onnx.ModelProto:
+VARIANTS = {  # name -> to_onnx_qdq options
+    "exact": {"int4": True, "fold_bias": False, "split_sums": False},  # closest to the integer graph
+    "fast": {"int4": False, "fold_bias": True, "split_sums": True},  # every conv and add on ORT's int8 kernels
+}
+
+
+def to_onnx_qdq(graph: IntGraph, int4: bool = True, fold_bias: bool = True, split_sums: bool = False
+                ) -> onnx.ModelProto:
     """The QDQ ONNX model of `graph`: uint8 NHWC pixels [N, H, W, C] -> float32 logits [N, classes].
 
     int4: 4-bit weights/activations as ONNX INT4/UINT4 (else stored in 8 bits). fold_bias: requantize
     biases go into the conv's int32 bias (ORT's fast QLinearConv path; off by <= half an accumulator step),
     else they are an exact float Add after the conv (closest to the integer graph, no conv fusion).
+    split_sums: each conv term of a sum quantized on its own (`_term_codes`), so residual blocks run as
+    QLinearConv + QLinearAdd (a second rounding).
     """
-    b = _Builder(graph, int4, fold_bias)
+    b = _Builder(graph, int4, fold_bias, split_sums)
     b.real[graph.input_name] = INPUT
     for n in graph.nodes:
         convert = CONVERTERS.get(n.op)

@@ -79,21 +79,24 @@ def isolated_layer_diffs(graph: IntGraph, codes: dict[str, np.ndarray], pixels: 
 class LayerDiffs:
     """Running maximum and mismatch fraction of the LSB difference per quantized tensor."""
 
-    def __init__(self, graph: IntGraph) -> None:
+    def __init__(self, graph: IntGraph, names: list[str] | None = None) -> None:
         self.graph = graph
-        self.names = compared_tensors(graph)
+        self.names = compared_tensors(graph) if names is None else names
         self.max = {n: 0 for n in self.names}
         self.mismatch = {n: 0 for n in self.names}
         self.count = {n: 0 for n in self.names}
 
     def update(self, codes: dict[str, np.ndarray], integer: dict[str, np.ndarray]) -> None:
-        """codes: `student_codes` of a batch; integer: the integer graph's tensors of the same images."""
+        """codes: `student_codes` (or ORT's codes) of a batch; integer: the integer graph's tensors of the same
+        images."""
         for n in self.names:
+            if n not in codes:  # e.g. a tensor the --for-ort graph added, which the student does not have
+                continue
             d = np.abs(codes[n] - integer[n].astype(np.int32))
             self.max[n] = max(self.max[n], int(d.max(initial=0)))
             self.mismatch[n] += int((d > 0).sum())
             self.count[n] += d.size
 
     def report(self) -> dict[str, dict[str, float]]:
-        return {n: {"max_lsb": self.max[n], "mismatch_fraction": self.mismatch[n] / max(self.count[n], 1)}
-                for n in self.names}
+        return {n: {"max_lsb": self.max[n], "mismatch_fraction": self.mismatch[n] / self.count[n]}
+                for n in self.names if self.count[n]}

@@ -4,6 +4,7 @@
     logits = model.predict(images)                      # uint8 [N, H, W, C] -> float32 [N, classes]
     codes = model.predict_int(images)                   # the int32 logits of the integer graph
     ort = runtime.load_onnx("artifacts/w4a4/llvm")      # the ONNX QDQ export under ONNX Runtime
+    fast = runtime.load_onnx("artifacts/w4a4/llvm", variant="fast")  # on ORT's fused int8 kernels
 
 Errors (bad artifact, missing device, wrong image shape or dtype) raise `core.errors.DFQFError`.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import DFQFError
-from lower.artifact import GRAPH, LIBRARY, ONNX, PARAMS, load_graph, read_manifest
+from lower.artifact import GRAPH, LIBRARY, ONNX_FILES, PARAMS, load_graph, read_manifest
 from lower.graph import IntGraph
 
 DEVICE_OF_TARGET = {"llvm": "cpu", "cuda": "cuda"}
@@ -86,17 +87,22 @@ def parallel_min_batch(graph: IntGraph) -> int:
 
 
 class OnnxModel:
-    """The artifact's ONNX QDQ export under ONNX Runtime (CPU)."""
+    """The artifact's ONNX QDQ export under ONNX Runtime (CPU): `variant` "exact" (model.onnx) or "fast"
+    (model_fast.onnx, ORT's fused int8 kernels; see lower.onnx_export.VARIANTS)."""
 
-    def __init__(self, artifact: str | Path, threads: int = 1) -> None:
+    def __init__(self, artifact: str | Path, threads: int = 1, variant: str = "exact") -> None:
         from .ort import ort_session
 
         self.path = Path(artifact)
+        if variant not in ONNX_FILES:
+            raise DFQFError(f"unknown ONNX variant {variant!r}; known: {', '.join(ONNX_FILES)}")
         manifest = read_manifest(self.path)
-        if ONNX not in manifest["files"]:
-            raise DFQFError(f"{self.path} holds no ONNX export ({ONNX}); compile without --no-onnx")
+        self.file = self.path / ONNX_FILES[variant]
+        if ONNX_FILES[variant] not in manifest["files"]:
+            raise DFQFError(f"{self.path} holds no {variant} ONNX export ({ONNX_FILES[variant]}); compile it again "
+                            "without --no-onnx")
         self.graph = load_graph(self.path, verify=False)
-        self.session = ort_session(self.path / ONNX, threads=threads)
+        self.session = ort_session(self.file, threads=threads)
 
     def predict(self, images: Any) -> np.ndarray:
         return np.asarray(self.session(self.graph.check_images(images)), dtype=np.float32)
@@ -106,5 +112,5 @@ def load(artifact: str | Path, device: str | None = None) -> IntegerModel:
     return IntegerModel(artifact, device)
 
 
-def load_onnx(artifact: str | Path, threads: int = 1) -> OnnxModel:
-    return OnnxModel(artifact, threads)
+def load_onnx(artifact: str | Path, threads: int = 1, variant: str = "exact") -> OnnxModel:
+    return OnnxModel(artifact, threads, variant)

@@ -30,15 +30,18 @@ from core.errors import DFQFError
 from core.files import sha256_file
 from core.paths import resolve_data_dir
 from core.pixels import normalize
-from lower.artifact import GRAPH, LIBRARY, ONNX, PARAMS, read_manifest
+from lower.artifact import GRAPH, LIBRARY, ONNX_FILES, PARAMS, read_manifest
 from lower.reference import run_graph
-from train.data import load_split, subset
+from train.data import load_split, read_eval_data, subset
 from train.models import get_arch, load_teacher
+from train.models.registry import ArchInfo
 from train.student import load_student
 
 from .compare import LayerDiffs, fakequant_values, isolated_layer_diffs, student_codes
-from .model import load, load_onnx
+from .model import load
+from .ort import OrtCodes
 
+ORT_KEYS = {"exact": "ort", "fast": "ort_fast"}  # ONNX variant -> its name among the engines
 RANDOM_IMAGES = 1000  # images of a parity run on an architecture without an evaluation data set
 
 
@@ -79,6 +82,8 @@ class ParityOptions:
     artifact: Path = option(help="artifact folder from lower.compile", positional=True)
     data_dir: Path | None = option(None, "folder with cifar10/ (default $DFQF_DATA_DIR)")
     split: str = option("test", "evaluation split", check=one_of("test", "lossless932"))
+    eval_data: Path | None = option(None, "your own labelled images instead: an .npz (x uint8 NHWC, y) or an "
+                                    "ImageFolder tree")
     limit: int | None = option(None, "a seeded subset of this many images (random images: how many, default "
                                f"{RANDOM_IMAGES})", check=positive)
     batch: int = option(50, "images per batch (small batches stay in the caches: 50 is 3x faster than 1000)",
@@ -116,9 +121,14 @@ class Timer:
         return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
-def images(o: ParityOptions, dataset: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None, str]:
+def images(o: ParityOptions, info: ArchInfo, num_classes: int) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(uint8 NHWC images, labels or None, what they are)."""
+    dataset, (c, h, w) = info.dataset, info.input_size
+    if o.eval_data is not None:
+        x, y = read_eval_data(o.eval_data, info.input_size, num_classes, o.limit)
+        return x, y, f"{len(x)} images of {o.eval_data}"
     if dataset not in ("cifar10", "cifar100"):
+        shape = (h, w, c)
         n = o.limit or RANDOM_IMAGES
         x = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
         return x, None, f"{n} seeded random images (the {dataset} architecture has no evaluation data set)"
@@ -151,8 +161,11 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
     info = get_arch(ckpt["arch"])
     model = load(artifact)
     g = model.graph
-    x_all, y_all, source = images(o, info.dataset, g.input_shape)
-    ort = load_onnx(artifact) if o.onnx and ONNX in manifest["files"] else None  # 1 thread: no spinning pool
+    x_all, y_all, source = images(o, info, ckpt["arch_kwargs"].get("num_classes", info.num_classes))
+    onnx = {v: OrtCodes(artifact / f, g) for v, f in ONNX_FILES.items()  # 1 thread: no spinning pool
+            if o.onnx and f in manifest["files"]}
+    onnx_diffs = {v: LayerDiffs(g, run.tensors) for v, run in onnx.items()}
+    onnx_agree = dict.fromkeys(onnx, 0)
     tally, diffs, timer = Tally(), LayerDiffs(g), Timer()
     isolated: dict[str, int] = {}
     tvm_equal, t0 = True, time.perf_counter()
@@ -187,8 +200,11 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
             tally.count("disagreements", len(differ))
             tally.count("disagreements_fp64_with_integer",
                         int((fq64.argmax(1) == logits["integer"].argmax(1)[fp64_rows])[np.isin(fp64_rows, differ)].sum()))
-        if ort is not None:
-            logits["ort"] = timer("ort", ort.predict, x)
+        for v, run in onnx.items():
+            key = ORT_KEYS[v]
+            logits[key], codes_ort = timer(key, run, x)
+            onnx_agree[v] += int((logits[key].argmax(1) == logits["integer"].argmax(1)).sum())
+            onnx_diffs[v].update(codes_ort, ints)
         tally.update(y, logits)
         log(f"{tally.n}/{len(x_all)} images, integer {tally.top1('integer')} fake-quant {tally.top1('fakequant')} "
             f"agreement {tally.agreement('integer')} tvm==reference {tvm_equal} ({time.perf_counter() - t0:.0f} s)")
@@ -197,10 +213,18 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
             "n": tally.n, "teacher": str(teacher_path) if teacher_path else f"default {ckpt['arch']} weights",
             "fp_top1": tally.top1("fp"), "fakequant_top1": tally.top1("fakequant"),
             "integer_top1": tally.top1("integer"), "reference_top1": tally.top1("reference"),
-            "ort_top1": tally.top1("ort"), "fakequant_fp64_top1": tally.top1("fakequant_fp64"),
+            "ort_top1": tally.top1("ort"), "ort_fast_top1": tally.top1("ort_fast"),
+            "fakequant_fp64_top1": tally.top1("fakequant_fp64"),
             "top1_agreement": tally.agreement("integer"),
             "top1_agreement_vs_fp64_fakequant": tally.agreement("integer_fp64"),
             "ort_top1_agreement": tally.agreement("ort"), "tvm_equals_reference": bool(tvm_equal),
+            "onnx": {v: {"file": ONNX_FILES[v], "top1": tally.top1(ORT_KEYS[v]),
+                         "top1_agreement_with_integer": round(onnx_agree[v] / max(tally.n, 1), 5),
+                         "max_code_diff": max((r["max_lsb"] for r in onnx_diffs[v].report().values()), default=0),
+                         "max_code_diff_per_layer": {k: r["max_lsb"] for k, r in onnx_diffs[v].report().items()},
+                         "mismatch_fraction_per_layer": {k: round(r["mismatch_fraction"], 6)
+                                                         for k, r in onnx_diffs[v].report().items()}}
+                     for v in onnx},
             "disagreements": tally.agree.get("disagreements", 0),
             "disagreements_where_fp64_student_agrees_with_integer": tally.agree.get("disagreements_fp64_with_integer", 0),
             "fp64_images": tally.agree.get("fp64_images", 0),

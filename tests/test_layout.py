@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ["core", "train", "lower", "runtime", "benchmarks"]
+LAYERS = ["core", "train", "lower", "runtime", "dfqf", "benchmarks"]
 LOWER_MAY_USE = ("train.student", "train.quant")  # what lower/ lowers
 
 

@@ -3,10 +3,8 @@ that reconstruction moves the student towards the teacher while staying integer-
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-import pytest
 import torch
 
 from core.pixels import normalize

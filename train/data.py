@@ -1,4 +1,5 @@
-"""Evaluation data: CIFAR-10/100 arrays and the ImageNet validation folder (never used for training).
+"""Evaluation data: CIFAR-10/100 arrays, the ImageNet validation folder, and a user's own labelled images
+(`--eval-data`: an .npz or an ImageFolder tree, any input size). Never used for training.
 
 CIFAR splits are read from `<data_dir>/<dataset>/<file>.npz` (keys `x` uint8 [N,H,W,3] HWC RGB and
 `y` integer labels [N], see shared/data/README.md); when that file is absent, torchvision's own
@@ -13,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from core.errors import DFQFError
+from core.errors import DFQFError, first_line
 from core.pixels import normalize
 
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -85,10 +86,10 @@ def _read_torchvision(
     return np.asarray(ds.data), np.asarray(ds.targets)
 
 
-def _validate(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> None:
+def _validate(x: np.ndarray, y: np.ndarray, num_classes: int, where: str, channels: int = 3) -> None:
     """Shapes, dtypes and label range of an image/label pair; anything else is a DFQFError."""
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise DFQFError(f"{where}: x must be uint8 [N,H,W,3], got {x.dtype} {list(x.shape)}")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != channels:
+        raise DFQFError(f"{where}: x must be uint8 [N,H,W,{channels}], got {x.dtype} {list(x.shape)}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DFQFError(f"{where}: y must be integer [N], got {y.dtype} {list(y.shape)}")
     if len(x) != len(y):
@@ -97,6 +98,82 @@ def _validate(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> Non
         raise DFQFError(f"{where}: no images")
     if y.min() < 0 or y.max() >= num_classes:
         raise DFQFError(f"{where}: labels must lie in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
+
+
+EVAL_DATA_HELP = ("your own labelled images to evaluate on: an .npz (x uint8 [N,H,W,C], y) or an ImageFolder "
+                  "tree (never used to train)")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+RESIZE = 256 / 224  # ImageFolder images: the shorter side resized to this × the input side, then center-cropped
+
+
+def read_eval_data(path: str | Path, input_size: Sequence[int], num_classes: int,
+                   limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A user's own labelled images for a model with input [C, H, W]: uint8 [N,H,W,C] and int64 labels.
+
+    `path` is an .npz (arrays `x` uint8 [N,H,W,C] at the model's size, `y` labels) or an ImageFolder tree
+    (one folder per class, classes numbered in sorted folder order as torchvision does). Folder images are
+    resized so that their shorter side is 256/224 of the input side and center-cropped (torchvision's
+    evaluation transform), unless they already have the input size. `limit` keeps a seeded random subset."""
+    c, h, w = (int(v) for v in input_size)
+    path = Path(path)
+    if path.is_dir():
+        x, y = _read_image_folder(path, c, h, w, limit, seed)
+    elif path.is_file():
+        x, y = _read_npz(path)
+        if x.ndim == 4 and tuple(x.shape[1:3]) != (h, w):
+            raise DFQFError(f"{path}: images are {x.shape[1]}x{x.shape[2]}, the model takes {h}x{w} "
+                            "(an ImageFolder tree is resized; an .npz must match)")
+    else:
+        raise DFQFError(f"evaluation data not found: {path} (an .npz file or an ImageFolder folder)")
+    _validate(x, y, num_classes, str(path), channels=c)
+    if limit is not None:
+        x, y = subset(x, y, limit, seed)
+    return np.ascontiguousarray(x), y.astype(np.int64)
+
+
+def _read_image_folder(root: Path, c: int, h: int, w: int, limit: int | None, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(f, label) for label, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
+             if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    if not files:
+        raise DFQFError(f"{root} holds no images in class folders (ImageFolder layout: {root}/<class>/<image>)")
+    if limit is not None and limit < len(files):
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))
+        files = [files[i] for i in keep]
+    if c not in (1, 3):
+        raise DFQFError(f"an ImageFolder tree gives 1- or 3-channel images; the model takes {c} channels")
+    x = np.empty((len(files), h, w, c), np.uint8)
+    for i, (f, _) in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB" if c == 3 else "L")
+                if im.size != (w, h):
+                    side = round(min(h, w) * RESIZE)
+                    scale = side / min(im.size)
+                    im = im.resize((max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale))),
+                                   Image.BILINEAR)
+                    left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+                    im = im.crop((left, top, left + w, top + h))
+                x[i] = np.asarray(im).reshape(h, w, c)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DFQFError(f"cannot read image {f}: {first_line(e)}") from None
+    return x, np.array([label for _, label in files], np.int64)
+
+
+def evaluation_data(dataset: str, input_size: Sequence[int], num_classes: int, data_dir: Path | None, split: str,
+                    eval_data: str | Path | None, limit: int | None = None, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The labelled images a command reports top-1 on: `eval_data` when given, else the teacher's CIFAR
+    `dataset` split under `data_dir`, else None (no data folder, or a data set read elsewhere)."""
+    if eval_data is not None:
+        return read_eval_data(eval_data, input_size, num_classes, limit, seed)
+    if data_dir is None or dataset not in NUM_CLASSES:
+        return None
+    x, y = load_split(data_dir, dataset, split)
+    return subset(x, y, limit, seed) if limit is not None else (x, y)
 
 
 def image_batches(

@@ -1,6 +1,7 @@
 """DFQF: data-free quantization-aware fine-tuning (ACML 2020), end to end, resumable, multi-process.
 
     python -m train.dfqf [--arch resnet20] [--weights W] [--wbits 4 --abits 4] [--data-dir D] [--out DIR]
+    python -m train.dfqf --model mine.pt2 [--mean M --std S] [--eval-data images.npz|FOLDER] ...
     torchrun --nproc_per_node N -m train.dfqf ...          (DistributedDataParallel; rank 0 writes)
 
 Stage 1 trains a generator G against the frozen FP teacher T (inception-score, BN-statistics and
@@ -234,18 +235,18 @@ def write_outputs(job: Job) -> dict[str, Any]:
     c, source = job.cfg, job.source
     job.metrics.sync()
     extra = source.report(job)
-    meta = {"teacher": str(job.weights) if job.weights else None,
-            "teacher_sha256": sha256_file(job.weights) if job.weights else None,
+    meta = {"teacher": str(job.teacher_file) if job.teacher_file else None,
+            "teacher_sha256": sha256_file(job.teacher_file) if job.teacher_file else None,
             "torch": str(torch.__version__), "seed": c.seed, "schedule": c.schedule, **extra}
     if source.trains_generator:
         save_generator(job.out / "generator.pt", job.generator)
-    save_student(job.out / "student.pt", job.final_student.cpu(), c.arch, job.info.num_classes,
+    save_student(job.out / "student.pt", job.final_student.cpu(), job.arch, job.info.num_classes,
                  QuantConfig(c.wbits, c.abits, c.first_last_bits), source.method, source.data_free, meta)
     job.final_student.to(job.d.device)
     if source.trains_generator:
         write_samples(job)
     report: dict[str, Any] = {
-        "method": source.method, "data_free": source.data_free, "arch": c.arch, "wbits": c.wbits, "abits": c.abits,
+        "method": source.method, "data_free": source.data_free, "arch": job.arch, "wbits": c.wbits, "abits": c.abits,
         "first_last_bits": c.first_last_bits, "schedule": c.schedule, "wall_seconds": round(job.elapsed(), 1),
         "student_steps": job.s_total, "images_generated": job.images_generated, "world_size": job.d.world,
         "device": str(job.d.device), "threads": torch.get_num_threads(),
@@ -279,15 +280,20 @@ def write_samples(job: Job) -> None:
     save_sample_grid(job.out / "samples.png", pixels.cpu(), labels, predicted, names, per_class)
 
 
-def execute(cfg: DFQFConfig, source: SyntheticSource | None = None) -> int:
-    """`run` on this process's device and rank; rank 0 prints the report as one JSON line."""
+def train_dfqf(cfg: DFQFConfig, source: SyntheticSource | None = None) -> dict[str, Any] | None:
+    """`run` on this process's device and rank; the report on rank 0, None on the others."""
     d = setup_distributed(cfg.device)
     try:
-        report = run(cfg, d, source)
-        if report is not None:
-            print(json.dumps(report))
+        return run(cfg, d, source)
     finally:
         shutdown()
+
+
+def execute(cfg: DFQFConfig, source: SyntheticSource | None = None) -> int:
+    """`train_dfqf`; rank 0 prints the report as one JSON line."""
+    report = train_dfqf(cfg, source)
+    if report is not None:
+        print(json.dumps(report))
     return 0
 
 

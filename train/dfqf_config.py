@@ -9,10 +9,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from core.cli import check_fields, fraction, non_negative, one_of, option, parse_options, positive, runtime_fields
+from core.cli import (
+    check_fields,
+    float_list,
+    fraction,
+    non_negative,
+    one_of,
+    option,
+    parse_options,
+    positive,
+    runtime_fields,
+)
 from core.errors import DFQFError
 
+from .data import EVAL_DATA_HELP
 from .losses import ADV_KINDS, BN_KINDS, GeneratorLossWeights
+from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP
 from .quant.calibrate import OBSERVERS
 from .quant.spec import check_bits
 
@@ -26,6 +38,9 @@ class DFQFConfig:
     # teacher and protocol
     arch: str = option("resnet20", "teacher architecture (see train.models.ARCHS)")
     weights: str | None = option(None, "teacher state_dict (default: the arch's default teacher)")
+    model: str | None = option(None, MODEL_HELP)
+    mean: list[float] | None = option(None, MEAN_HELP, parse=float_list)
+    std: list[float] | None = option(None, STD_HELP, parse=float_list)
     wbits: int = option(4, "weight bits", check=check_bits)
     abits: int = option(4, "activation bits", check=check_bits)
     first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
@@ -72,6 +87,7 @@ class DFQFConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N", runtime=True)
     amp: bool = option(False, "bf16 autocast of the generator step on CUDA")
     data_dir: str | None = option(None, "evaluation data (default $DFQF_DATA_DIR; never used to train)", runtime=True)
+    eval_data: str | None = option(None, EVAL_DATA_HELP, runtime=True)
     split: str = option("test", "evaluation split", runtime=True)
     eval_every: int = option(100, "evaluate every N student steps", check=positive, runtime=True)
     eval_limit: int | None = option(2000, "images of the interval evaluations", check=positive, runtime=True)

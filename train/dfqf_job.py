@@ -28,7 +28,7 @@ from core.paths import optional_data_dir
 
 from .baselines.dfq import bn_output_stats, input_gaussian, set_ranges_from_stats
 from .baselines.gaussian_stats import propagate
-from .data import image_batches, load_split, subset
+from .data import evaluation_data, image_batches, subset
 from .dfqf_config import LR_FIELDS, DFQFConfig
 from .distributed import Dist
 from .ema import StudentEMA, ema_decay
@@ -36,15 +36,13 @@ from .evaluate import evaluate_top1
 from .feature_kd import FeatureDistiller
 from .generator import Generator
 from .models import get_arch, load_teacher, resolve_weights
-from .models.registry import ArchInfo
+from .models.registry import ArchInfo, teacher_arch
 from .quant.calibrate import calibrate_weights
 from .quant.convert import QuantConfig, quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .run_state import METRICS, MetricsLog, load_checkpoint, save_checkpoint
 from .seeds import Seeds, rng_state, set_rng_state
 from .synthetic import SyntheticSource
-
-EVALUATED = ("cifar10", "cifar100")  # data sets `Job.evaluate` reads (train.data.load_split)
 
 
 def prepare_out(cfg: DFQFConfig, d: Dist) -> Path:
@@ -104,13 +102,16 @@ class Job:
         self.cfg, self.d, self.source = cfg, d, source
         self.seeds = Seeds(cfg.seed, d.rank)
         # check every input before the output folder is created
-        self.info = get_arch(cfg.arch)
-        self.weights = resolve_weights(cfg.arch, cfg.weights)
+        self.arch = teacher_arch(cfg.arch, cfg.weights, cfg.model, cfg.mean, cfg.std)  # --model registers one
+        self.info = get_arch(self.arch)
+        self.weights = resolve_weights(self.arch, cfg.weights)
+        self.teacher_file = Path(cfg.model) if cfg.model else self.weights  # what the student's meta records
         self.data_dir = optional_data_dir(cfg.data_dir)
-        if self.evaluates:
-            load_split(self.data_dir, self.info.dataset, cfg.split)  # a bad data folder fails now, not after stage 1
+        # read once, now: a bad data folder fails before stage 1, not after it
+        self.eval_split = evaluation_data(self.info.dataset, self.info.input_size, self.info.num_classes,
+                                          self.data_dir, cfg.split, cfg.eval_data) if d.main else None
         torch.manual_seed(cfg.seed)
-        self.teacher = load_teacher(cfg.arch, self.weights).to(d.device)  # bad weights fail before --out exists
+        self.teacher = load_teacher(self.arch, self.weights).to(d.device)  # bad weights fail before --out exists
         source.check(self)
         self.out = prepare_out(cfg, d)
         for p in self.teacher.parameters():
@@ -131,7 +132,6 @@ class Job:
         self.g_ddp = DDP(self.generator) if d.world > 1 else self.generator
         self.s_ddp = DDP(self.student) if d.world > 1 else self.student
         self.stage, self.step = "generator" if cfg.schedule == "two-stage" else "alternating", 0
-        self.eval_split: tuple[Any, Any] | None = None
         self.images_generated = 0
         self.wall_before = 0.0  # seconds spent before the last resume
         keep = self.restore() if cfg.resume else 0  # metrics lines that belong to the restored state
@@ -217,13 +217,12 @@ class Job:
 
     @property
     def evaluates(self) -> bool:
-        """Whether this rank evaluates: rank 0, with a data folder holding the teacher's data set (tinynet's
-        synthetic data set and ImageNet teachers are not evaluated during a run)."""
-        return self.data_dir is not None and self.d.main and self.info.dataset in EVALUATED
+        """Whether this rank evaluates: rank 0, with --eval-data or a data folder holding the teacher's CIFAR
+        data set (tinynet's synthetic data set and ImageNet teachers are not evaluated during a run)."""
+        return self.eval_split is not None
 
     def evaluate(self, model: nn.Module, limit: int | None) -> float:
-        if self.eval_split is None:  # read (and decompress) the split once per run
-            self.eval_split = load_split(self.data_dir, self.info.dataset, self.cfg.split)
+        assert self.eval_split is not None
         x, y = self.eval_split
         if limit is not None:
             x, y = subset(x, y, limit, self.cfg.seed)

@@ -1,6 +1,7 @@
 """Top-1 accuracy of a teacher on an evaluation split.
 
     python -m train.evaluate --arch resnet20 --weights W [--data-dir D] [--split test|train|lossless932]
+    python -m train.evaluate --model mine.pt2 [--mean M --std S] --eval-data images.npz|FOLDER
 
 Progress goes to stderr; the last stdout line is one JSON object (top1 in percent, n, arch, ...).
 """
@@ -17,13 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from core.cli import check_fields, cli_main, non_negative, one_of, option, parse_options, positive
+from core.cli import check_fields, cli_main, float_list, non_negative, one_of, option, parse_options, positive
 from core.errors import DFQFError
 from core.paths import resolve_data_dir
 
-from .data import SPLIT_FILES, image_batches, imagenet_val_loader, load_split, subset
+from .data import EVAL_DATA_HELP, SPLIT_FILES, image_batches, imagenet_val_loader, load_split, read_eval_data, subset
 from .models import get_arch, load_teacher, resolve_weights
-from .models.registry import ArchInfo
+from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP, ArchInfo, teacher_arch
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -54,8 +55,12 @@ def evaluate_top1(
 class EvalOptions:
     """What `python -m train.evaluate` evaluates (each field is a flag)."""
 
-    arch: str = option(help="architecture name (see train.models.ARCHS)")
+    arch: str | None = option(None, "architecture name (see train.models.ARCHS)")
     weights: Path | None = option(None, "state_dict file (default: the arch's teacher in the data folder)")
+    model: Path | None = option(None, MODEL_HELP)
+    mean: list[float] | None = option(None, MEAN_HELP, parse=float_list)
+    std: list[float] | None = option(None, STD_HELP, parse=float_list)
+    eval_data: Path | None = option(None, EVAL_DATA_HELP)
     data_dir: Path | None = option(None, "data folder (default: $DFQF_DATA_DIR)")
     split: str = option("test", "evaluation split", check=one_of(*SPLIT_FILES))
     dataset: str | None = option(None, "data set (default: the arch's own)", check=one_of(*DATASETS))
@@ -68,6 +73,8 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if (self.arch is None) == (self.model is None):
+            raise DFQFError("pass one of --arch NAME and --model FILE.pt2")
 
 
 def _device(name: str) -> torch.device:
@@ -122,22 +129,29 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate --arch on --split and print the result as one JSON line."""
     args = parse_options(EvalOptions, argv, "python -m train.evaluate", __doc__.splitlines()[0])
     start = time.perf_counter()
-    info = get_arch(args.arch)
-    dataset = _dataset(info, args.dataset)
+    arch = teacher_arch(args.arch or "", args.weights, args.model, args.mean, args.std)  # --model registers one
+    info = get_arch(arch)
     device = _device(args.device)
-    data_dir = resolve_data_dir(args.data_dir)
-    num_classes = args.num_classes or (100 if dataset == "cifar100" else info.num_classes)
-    if dataset == "imagenet":
-        batches, count = _imagenet_batches(args, data_dir)
+    if args.eval_data is not None:
+        dataset, data_dir = str(args.eval_data), None
+        num_classes = args.num_classes or info.num_classes
+        x, y = read_eval_data(args.eval_data, info.input_size, num_classes, args.limit, args.seed)
+        batches, count = image_batches(x, y, info.mean, info.std, args.batch_size), len(x)
     else:
-        batches, count = _cifar_batches(args, info, data_dir, dataset, num_classes)
-    weights = _weights(info, args.weights, data_dir)
-    model = load_teacher(args.arch, weights, num_classes)
-    progress = tqdm(batches, total=-(-count // args.batch_size), desc=f"eval {args.arch}", unit="batch",
+        dataset = _dataset(info, args.dataset)
+        data_dir = resolve_data_dir(args.data_dir)
+        num_classes = args.num_classes or (100 if dataset == "cifar100" else info.num_classes)
+        if dataset == "imagenet":
+            batches, count = _imagenet_batches(args, data_dir)
+        else:
+            batches, count = _cifar_batches(args, info, data_dir, dataset, num_classes)
+    weights = args.model or (_weights(info, args.weights, data_dir) if data_dir else resolve_weights(arch, args.weights))
+    model = load_teacher(arch, weights, num_classes)
+    progress = tqdm(batches, total=-(-count // args.batch_size), desc=f"eval {arch}", unit="batch",
                     file=sys.stderr)
     top1, n = evaluate_top1(model, progress, device)
     result = {
-        "top1": round(top1, 2), "n": n, "arch": args.arch, "dataset": dataset, "split": args.split,
+        "top1": round(top1, 2), "n": n, "arch": arch, "dataset": dataset, "split": args.split,
         "weights": str(weights) if weights is not None else None, "num_classes": num_classes,
         "limit": args.limit, "device": str(device), "seconds": round(time.perf_counter() - start, 3),
     }

@@ -4,7 +4,8 @@ DCGAN-style: a linear layer to a base_channels × init × init map, then [upsamp
 LeakyReLU] stages (channels halve, never below max(32, base_channels / 4): 128 → 64 → 32 → 32 for the
 default width at 32×32) up to the teacher's resolution, a conv to RGB and a sigmoid, so G's raw output is
 a valid image in [0, 1] that can be stored as uint8; `forward` applies the teacher's normalization.
-32×32 starts at 4×4 (3 stages); 224×224 at 7×7 (5 stages).
+32×32 starts at 4×4 (3 stages); 224×224 at 7×7 (5 stages). Any other H×W (a user's own model) is
+generated at the smallest 4·2^k or 7·2^k square that covers it and center-cropped to H×W.
 Every BatchNorm2d has the default eps=1e-5 (the GDFQ family's `BatchNorm2d(C, 0.8)` sets eps=0.8).
 """
 from __future__ import annotations
@@ -21,13 +22,14 @@ from core.files import atomic_torch_save, load_torch_file
 FORMAT, VERSION = "dfqf.generator", 1
 
 
-def _init_size(height: int) -> int:
-    """The start resolution: 4 for 4·2^k images (32×32), 7 for 7·2^k (224×224), k >= 1."""
-    for init in (4, 7):
-        q, r = divmod(height, init)
-        if r == 0 and q >= 2 and q & (q - 1) == 0:
-            return init
-    raise ValueError(f"generator image size must be 4·2^k or 7·2^k (k >= 1), got {height}")
+def _init_size(height: int, width: int) -> tuple[int, int]:
+    """(start resolution, generated square side): the smallest init·2^k >= max(H, W), init 4 or 7, k >= 1
+    (32 → 4·2^3, 224 → 7·2^5; 20 → 4·2^3 = 32, cropped)."""
+    if min(height, width) < 1:
+        raise ValueError(f"generator images must be at least 1x1, got {height}x{width}")
+    side = max(height, width, 8)
+    return min(((init, init << max(1, (-(-side // init) - 1).bit_length())) for init in (4, 7)),
+               key=lambda t: (t[1], t[0]))
 
 
 class Generator(nn.Module):
@@ -36,17 +38,16 @@ class Generator(nn.Module):
                  conditional: bool = True) -> None:
         super().__init__()
         channels, height, width = image_size
-        if height != width:
-            raise ValueError(f"generator images must be square, got {height}x{width}")
         self.num_classes, self.latent_dim, self.conditional = num_classes, latent_dim, conditional
         self.image_size = (channels, height, width)
-        self.init = _init_size(height)
+        self.init, side = _init_size(height, width)
+        self.crop = ((side - height) // 2, (side - width) // 2)
         self.embed = nn.Embedding(num_classes, latent_dim) if conditional else None
         self.project = nn.Linear(latent_dim, base_channels * self.init**2)
         self.base_channels = base_channels
         layers: list[nn.Module] = [nn.BatchNorm2d(base_channels)]
         c, floor = base_channels, max(base_channels // 4, 32)
-        for _ in range((height // self.init).bit_length() - 1):  # log2(H / init) stages
+        for _ in range((side // self.init).bit_length() - 1):  # log2(side / init) stages
             nxt = max(c // 2, floor)
             layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c, nxt, 3, 1, 1, bias=False), nn.BatchNorm2d(nxt),
                        nn.LeakyReLU(0.2)]
@@ -63,6 +64,8 @@ class Generator(nn.Module):
                 raise ValueError("a conditional generator needs labels")
             z = z * self.embed(labels)
         h = self.body(self.project(z).view(z.shape[0], self.base_channels, self.init, self.init))
+        (top, left), (_, height, width) = self.crop, self.image_size
+        h = h[:, :, top:top + height, left:left + width]
         # sigmoid in (at least) fp32: under bf16 autocast its output would be coarser than 1/255 near 1
         return torch.sigmoid(h.to(torch.promote_types(h.dtype, torch.float32)))
 

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.cli import check_fields, cli_main, one_of, option, parse_options, positive
+from core.cli import check_fields, cli_main, float_list, one_of, option, parse_options, positive
 from core.errors import DFQFError
 from core.files import sha256_file, write_json_atomic
 from core.paths import optional_data_dir
@@ -35,10 +35,10 @@ from core.pixels import normalize
 
 from .baselines.dfq import dfq_student
 from .baselines.zeroq import distill_images
-from .data import image_batches, load_split, subset
+from .data import EVAL_DATA_HELP, evaluation_data, image_batches, load_split, subset
 from .evaluate import evaluate_top1
 from .models import get_arch, load_teacher, resolve_weights
-from .models.registry import ArchInfo
+from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP, ArchInfo, teacher_arch
 from .quant.calibrate import OBSERVERS, calibrate
 from .quant.convert import QuantConfig, quantize_model
 from .quant.spec import check_bits
@@ -130,12 +130,16 @@ class PTQOptions:
     out: Path = option(help="output folder for student.pt and report.json")
     arch: str = option("resnet20", "architecture name (see train.models.ARCHS)")
     weights: Path | None = option(None, "teacher state_dict (default: the arch's default teacher)")
+    model: Path | None = option(None, MODEL_HELP)
+    mean: list[float] | None = option(None, MEAN_HELP, parse=float_list)
+    std: list[float] | None = option(None, STD_HELP, parse=float_list)
     wbits: int = option(4, "weight bits", check=check_bits)
     abits: int = option(4, "activation bits", check=check_bits)
     first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
     observer: str = option("minmax", "range estimator for minmax/zeroq/real-calib", check=one_of(*OBSERVERS))
     data_dir: Path | None = option(None, "evaluation data (default: $DFQF_DATA_DIR; optional)")
     split: str = option("test", "evaluation split")
+    eval_data: Path | None = option(None, EVAL_DATA_HELP)
     eval_limit: int | None = option(None, "evaluate on a seeded random subset of this size", check=positive)
     calib_size: int = option(256, "calibration/distilled images", check=positive)
     zeroq_iters: int = option(500, "ZeroQ distillation steps per batch", check=positive)
@@ -172,16 +176,6 @@ def _check_out(out: Path) -> None:
         raise DFQFError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def evaluation_split(info: ArchInfo, data_dir: Path | None, split: str, limit: int | None,
-                     seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The images the report's top-1 is measured on (None without a data folder or for data-set-less archs);
-    read before quantizing, so a bad data folder fails before any work."""
-    if data_dir is None or info.dataset not in ("cifar10", "cifar100"):
-        return None
-    x, y = load_split(data_dir, info.dataset, split)
-    return subset(x, y, limit, seed) if limit is not None else (x, y)
-
-
 def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data: tuple[np.ndarray, np.ndarray],
                   split: str) -> dict[str, Any]:
     """FP and quantized top-1 on the same images."""
@@ -191,37 +185,45 @@ def evaluate_pair(teacher: nn.Module, student: nn.Module, info: ArchInfo, data: 
     return {"fp_top1": round(fp, 2), "quant_top1": round(q, 2), "eval_images": n, "split": split}
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    args = parse_options(PTQOptions, argv, "python -m train.ptq", __doc__.splitlines()[0])
+def run(args: PTQOptions) -> dict[str, Any]:
+    """Quantize the teacher with `args.method`; writes OUT/student.pt and OUT/report.json, returns the report."""
     torch.manual_seed(args.seed)
-    info = get_arch(args.arch)
+    arch = teacher_arch(args.arch, args.weights, args.model, args.mean, args.std)  # --model registers one
+    info = get_arch(arch)
     config = args.quant_config
     out = Path(args.out)
     _check_out(out)
     data_dir = optional_data_dir(args.data_dir)
-    eval_data = evaluation_split(info, data_dir, args.split, args.eval_limit, args.seed)
-    weights = resolve_weights(args.arch, args.weights)
-    teacher = load_teacher(args.arch, weights)
+    # read before quantizing: a bad data folder fails before any work
+    eval_data = evaluation_data(info.dataset, info.input_size, info.num_classes, data_dir, args.split,
+                                args.eval_data, args.eval_limit, args.seed)
+    weights = resolve_weights(arch, args.weights)
+    teacher = load_teacher(arch, weights)
+    teacher_file = args.model or weights
     method, data_free = METHODS[args.method]
 
     start = time.perf_counter()
     student, details = method(PTQContext(teacher, info, config, args, data_dir))
     seconds = time.perf_counter() - start
 
-    meta = {"teacher": str(weights) if weights else None,
-            "teacher_sha256": sha256_file(weights) if weights else None,
+    meta = {"teacher": str(teacher_file) if teacher_file else None,
+            "teacher_sha256": sha256_file(teacher_file) if teacher_file else None,
             "torch": str(torch.__version__), "python": platform.python_version(), "seed": args.seed}
-    save_student(out / "student.pt", student, args.arch, info.num_classes, config, args.method, data_free, meta)
+    save_student(out / "student.pt", student, arch, info.num_classes, config, args.method, data_free, meta)
     report: dict[str, Any] = {
-        "method": args.method, "data_free": data_free, "arch": args.arch, **config.to_dict(),
+        "method": args.method, "data_free": data_free, "arch": arch, **config.to_dict(),
         "observer": args.observer if args.method != "dfq" else "bn-statistics",
         "quantize_seconds": round(seconds, 2), **details, **meta,
     }
     if eval_data is not None:
         report.update(evaluate_pair(teacher, student, info, eval_data, args.split))
     write_json_atomic(report, out / "report.json")
-    print(json.dumps(report))
+    return report
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(run(parse_options(PTQOptions, argv, "python -m train.ptq", __doc__.splitlines()[0]))))
     return 0
 
 

@@ -11,6 +11,8 @@ A plain dict (loads with torch.load(weights_only=True)):
   state_dict    the fake-quant student's state_dict (BN folded: every conv/linear has a bias)
   method        what produced it ("minmax", "dfq", "zeroq", "real-calib", "dfqf"); data_free: bool
   meta          free-form provenance (teacher file and sha256, versions, time)
+  model         only for a user's exported model (arch "pt2:<sha256[:16]>"): {"format": "torch.export",
+                "program": uint8 tensor of the torch.export.save bytes} — the student rebuilds without the file
 The student graph is rebuilt deterministically: build(arch) → fold BN → quantize_model(quant_config),
 then state_dict is loaded strictly.
 """
@@ -20,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -27,7 +30,7 @@ from core.errors import DFQFError, first_line
 from core.files import atomic_torch_save, load_torch_file
 
 from .models import build_model, get_arch
-from .models.registry import check_finite, load_state_dict_strict
+from .models.registry import EXPORTED, EXPORTED_PROGRAMS, check_finite, load_state_dict_strict, register_exported
 from .quant.convert import QuantConfig, quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .quant.spec import QuantSpec
@@ -52,6 +55,10 @@ def quantizer_table(student: nn.Module) -> dict[str, dict[str, Any]]:
 def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: int, config: QuantConfig,
                  method: str, data_free: bool, meta: dict[str, Any] | None = None) -> None:
     info = get_arch(arch)
+    model = {}
+    if arch in EXPORTED_PROGRAMS:
+        program = torch.frombuffer(bytearray(EXPORTED_PROGRAMS[arch]), dtype=torch.uint8)
+        model = {"model": {"format": "torch.export", "program": program}}
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,
@@ -64,6 +71,7 @@ def save_student(path: Path, student: fx.GraphModule, arch: str, num_classes: in
         "method": method,
         "data_free": data_free,
         "meta": json.loads(json.dumps(meta or {})),  # plain JSON types only, so weights_only loads work
+        **model,
     }, path)
 
 
@@ -78,12 +86,29 @@ def read_student(path: Path) -> dict[str, Any]:
     missing = [k for k in ("arch", "arch_kwargs", "quant_config", "quantizers", "state_dict") if k not in ckpt]
     if missing:
         raise DFQFError(f"{path}: student checkpoint lacks {missing}")
+    if isinstance(ckpt["arch"], str) and ckpt["arch"].startswith(EXPORTED):
+        register_model(path, ckpt)
     return ckpt
+
+
+def register_model(path: Path, ckpt: dict[str, Any]) -> None:
+    """Register the user's exported model a student carries, under the architecture name it records."""
+    model, inputs = ckpt.get("model"), ckpt.get("input")
+    if not (isinstance(model, dict) and model.get("format") == "torch.export"
+            and isinstance(model.get("program"), torch.Tensor) and model["program"].dtype == torch.uint8):
+        raise DFQFError(f"{path}: the student of an exported model ({ckpt['arch']}) lacks its program")
+    if not (isinstance(inputs, dict) and isinstance(inputs.get("mean"), list) and isinstance(inputs.get("std"), list)):
+        raise DFQFError(f"{path}: the student's input record is malformed")
+    info = register_exported(model["program"].numpy().tobytes(), inputs["mean"], inputs["std"],
+                             f"the model inside {path}")
+    if info.name != ckpt["arch"]:
+        raise DFQFError(f"{path}: its model's sha256 does not match its architecture {ckpt['arch']} "
+                        f"(the file was altered)")
 
 
 def load_student(path: Path) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Rebuild the fake-quant student from `student.pt`; returns (student in eval mode, checkpoint dict)."""
-    ckpt = read_student(path)
+    ckpt = read_student(path)  # registers the architecture of a user's exported model
     try:
         config = QuantConfig(**ckpt["quant_config"])
         student = quantize_model(build_model(ckpt["arch"], **ckpt["arch_kwargs"]).eval(), config)

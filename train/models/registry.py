@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from core.errors import DFQFError
+from core.errors import DFQFError, first_line
 from core.files import load_torch_file
 from core.paths import cache_dir, data_dir_from_env
 
@@ -74,9 +74,103 @@ ARCHS: dict[str, ArchInfo] = {
 }
 
 
+MODEL_HELP = "your own teacher instead of --arch: a torch.export.save file (.pt2)"
+MEAN_HELP = "--model's input normalization, mean per channel, e.g. 0.5,0.5,0.5 (default ImageNet's)"
+STD_HELP = "--model's input normalization, std per channel (default ImageNet's)"
+EXPORTED = "pt2:"  # prefix of the architecture name of a user's exported model (then its sha256)
+EXPORTED_PROGRAMS: dict[str, bytes] = {}  # registered exported architectures: their torch.export.save bytes
+
+
+def register_exported(program: bytes, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      origin: str = "the exported model") -> ArchInfo:
+    """Register the model serialized by `torch.export.save` in `program` as an architecture, named after its
+    sha256 (a student records which model it came from, and carries `program` to rebuild it). Its input size
+    and class count are read from the program; the normalization is `mean`/`std` (default ImageNet's)."""
+    import hashlib
+    import io
+
+    from .exported import load_exported
+
+    name = EXPORTED + hashlib.sha256(program).hexdigest()[:16]  # = exported_name(its file)
+    model = load_exported(io.BytesIO(program), origin)
+    shape = tuple(model.meta["input_shape"])
+    if len(shape) != 4:
+        raise DFQFError(f"{origin}: the model's input must be [N, C, H, W] images, not {list(shape)}")
+    with torch.no_grad():
+        out = model(torch.zeros(1, *shape[1:]))
+    if out.ndim != 2:
+        raise DFQFError(f"{origin}: the model must return [N, classes] logits, not {list(out.shape)}")
+    mean, std = tuple(map(float, mean or IMAGENET_MEAN)), tuple(map(float, std or IMAGENET_STD))
+    if len(mean) != shape[1] or len(std) != shape[1] or min(std) <= 0:
+        raise DFQFError(f"--mean/--std need {shape[1]} values each (std > 0), got {list(mean)} / {list(std)}")
+    classes = int(out.shape[1])
+
+    def build(num_classes: int) -> nn.Module:
+        if num_classes != classes:
+            raise DFQFError(f"{origin} has {classes} classes, not {num_classes}")
+        return load_exported(io.BytesIO(program), origin)
+
+    info = ArchInfo(name, build, "custom", classes, shape[1:], mean, std)
+    ARCHS[name] = info
+    EXPORTED_PROGRAMS[name] = program
+    return info
+
+
+def exported_name(path: Path) -> str | None:
+    """The architecture name the .pt2 file `path` registers as (None if it cannot be read)."""
+    from core.files import sha256_file
+
+    try:
+        return EXPORTED + sha256_file(path)[:16]
+    except OSError:
+        return None
+
+
+def exported_arch(path: str | Path, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+                  ) -> ArchInfo:
+    """Register the model saved with `torch.export.save` in `path` (see `register_exported`)."""
+    path = Path(path)
+    try:
+        program = path.read_bytes()
+    except OSError as e:
+        raise DFQFError(f"cannot read the model file {path}: {e.strerror or e}") from None
+    return register_exported(program, mean, std, str(path))
+
+
+def module_arch(model: nn.Module, input_size: Sequence[int], mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> ArchInfo:
+    """Register an nn.Module of the user's code: exported by `torch.export` on a [1, *input_size] input."""
+    import io
+
+    example = torch.zeros(1, *map(int, input_size))
+    try:
+        program = torch.export.export(model.eval(), (example,))
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow, unsupported Python, wrong input size
+        raise DFQFError(f"torch.export cannot export the model on a {list(example.shape)} input: "
+                        f"{first_line(e)}") from None
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return register_exported(buf.getvalue(), mean, std, f"model {type(model).__name__}")
+
+
+def teacher_arch(arch: str, weights: str | Path | None, model: str | Path | None,
+                 mean: Sequence[float] | None, std: Sequence[float] | None) -> str:
+    """The architecture a command runs on: `arch` from the registry, or the user's `model` file (.pt2,
+    registered; its weights are inside it)."""
+    if model is None:
+        if mean is not None or std is not None:
+            raise DFQFError(f"--mean/--std describe a --model's input; {arch} has its own")
+        return arch
+    if weights is not None:
+        raise DFQFError("--weights and --model exclude each other: the .pt2 file holds its weights")
+    return exported_arch(model, mean, std).name
+
+
 def get_arch(name: str) -> ArchInfo:
+    if name.startswith(EXPORTED) and name not in ARCHS:
+        raise DFQFError(f"architecture {name} is a user's exported model that is not loaded: pass --model FILE")
     if name not in ARCHS:
-        raise DFQFError(f"unknown architecture {name!r}; supported: {', '.join(ARCHS)}")
+        raise DFQFError(f"unknown architecture {name!r}; supported: {', '.join(a for a in ARCHS if not a.startswith(EXPORTED))}")
     return ARCHS[name]
 
 
@@ -161,7 +255,12 @@ def _few(items: list[str], n: int = 4) -> str:
 
 
 def load_teacher(arch: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
-    """Build `arch`, load its weights strictly, and return it in eval mode."""
+    """Build `arch`, load its weights strictly, and return it in eval mode. An exported model holds its own
+    weights: `weights` may then only name its .pt2 file again."""
+    if arch in EXPORTED_PROGRAMS:
+        if weights is not None and exported_name(Path(weights)) != arch:
+            raise DFQFError(f"{weights} is not the model of {arch} (a user's exported model carries its weights)")
+        return build_model(arch, num_classes).eval()
     model = build_model(arch, num_classes)
     path = resolve_weights(arch, weights)
     if path is not None:
