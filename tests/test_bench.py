@@ -12,6 +12,7 @@ import pytest
 
 from core.cli import int_list
 from lower.compile import CompileOptions, compile_student
+from toolkit import main_in_process, one_error_line
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -66,18 +67,6 @@ def test_graph_macs_counts_conv_and_dense():
     assert g.total_macs() == 3456 + 512 + 1280
 
 
-def _main_in_process(args: list[str], capsys) -> tuple[int, str, str]:
-    """benchmarks.bench's main in this process (no interpreter start-up): exit code, stdout, stderr."""
-    from benchmarks.bench import main
-
-    try:
-        code = main(args)
-    except SystemExit as e:  # argparse usage errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("args, message", [
     (["--batch", "1,x"], "--batch"),
     (["--batch", "0"], "--batch"),
@@ -85,14 +74,11 @@ def _main_in_process(args: list[str], capsys) -> tuple[int, str, str]:
     (["--engines", "tvm_int3"], "unknown engine"),
 ])
 def test_bad_input_is_one_error_line(tiny_artifact, args, message, capsys):
-    code, out, err = _main_in_process([str(tiny_artifact), *args], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and out == ""
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
+    assert message in one_error_line(*main_in_process("benchmarks.bench", [str(tiny_artifact), *args], capsys))
 
 
 def test_missing_artifact_is_one_error_line(tmp_path, capsys):
-    code, out, err = _main_in_process([str(tmp_path / "nope")], capsys)
+    code, out, err = main_in_process("benchmarks.bench", [str(tmp_path / "nope")], capsys)
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"error: artifact folder not found: {tmp_path / 'nope'}"]
 

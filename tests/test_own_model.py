@@ -21,6 +21,7 @@ from torch import nn
 import dfqf
 from core.errors import DFQFError
 from runtime.model import load
+from toolkit import main_in_process, one_error_line
 from train.data import read_eval_data
 from train.models.exported import load_exported, supported_aten_ops
 from train.models.registry import exported_arch
@@ -204,16 +205,15 @@ def test_ptq_and_evaluate_take_a_model_file(tmp_path, eval_npz) -> None:
     (["--mean", "0.5,0.5"], "--mean/--std need 3 values"),
     (["--std", "0,1,1"], "std > 0"),
 ])
-def test_inconsistent_model_flags_are_one_error(args, message, tmp_path) -> None:
+def test_inconsistent_model_flags_are_one_error(args, message, tmp_path, capsys) -> None:
     pt2 = save_pt2(plain_cnn(), tmp_path / "seq.pt2")
-    err = one_error(run_cli("train.ptq", "--method", "minmax", "--model", str(pt2), *args,
-                            "--out", str(tmp_path / "o")))
-    assert message in err
+    assert message in one_error_line(*main_in_process("train.ptq", ["--method", "minmax", "--model", pt2, *args,
+                                                                    "--out", tmp_path / "o"], capsys))
 
 
-def test_mean_without_a_model_and_a_missing_model_file(tmp_path) -> None:
-    assert "describe a --model's input" in one_error(run_cli("train.ptq", "--method", "minmax", "--mean", "0,0,0",
-                                                               "--out", str(tmp_path / "o")))
+def test_mean_without_a_model_and_a_missing_model_file(tmp_path, capsys) -> None:
+    assert "describe a --model's input" in one_error_line(*main_in_process(
+        "train.ptq", ["--method", "minmax", "--mean", "0,0,0", "--out", tmp_path / "o"], capsys))
     assert "cannot read the model file" in one_error(run_cli("train.evaluate", "--model", str(tmp_path / "no.pt2")))
 
 

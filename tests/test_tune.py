@@ -3,8 +3,6 @@ artifact, reusable, and never a change in the integers the model computes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from lower.schedules import x86_vnni
 from lower.schedules.x86_conv import ConvShape, KernelRequest
 from lower.targets import make_target, select_schedules
 from runtime import load
+from toolkit import main_in_process, one_error_line
 from train.quant.convert import QuantConfig
 from train.student import save_student
 
@@ -124,16 +123,13 @@ def test_bad_tuning_file(tmp_path: Path):
 
 
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"version": 99, "kernels": {}})])
-def test_bad_tuning_file_is_one_line_exit_2(tuned, tmp_path: Path, content):
+def test_bad_tuning_file_is_one_line_exit_2(tuned, tmp_path: Path, content, capsys):
     bad = tmp_path / "tuning.json"
     if content is not None:
         bad.write_text(content)
-    r = subprocess.run([sys.executable, "-m", "lower.compile", str(tuned.parent / "student.pt"), "--out",
-                        str(tmp_path / "out"), "--no-onnx", "--tuning", str(bad)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: tuning file")
+    line = one_error_line(*main_in_process("lower.compile", [tuned.parent / "student.pt", "--out", tmp_path / "out",
+                                                             "--no-onnx", "--tuning", bad], capsys))
+    assert line.startswith("error: tuning file")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,7 +1,8 @@
 """What the tests share: the one integer-graph builder (`GraphMaker`), the exactness check of compiled graphs,
-small reference graphs, seeded float teachers and the tiny calibrated student (STYLE §11)."""
+small reference graphs, seeded float teachers, the tiny calibrated student (STYLE §11) and in-process CLI runs."""
 from __future__ import annotations
 
+import importlib
 import math
 from fractions import Fraction
 
@@ -289,3 +290,21 @@ INPUT = {"tinynet": (3, 16, 16), "resnet20": (3, 32, 32), "resnet18": (3, 224, 2
 
 def batch(arch: str, n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, *INPUT[arch], generator=torch.Generator().manual_seed(seed))
+
+
+def main_in_process(module: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """`python -m module args` in this process (no interpreter start-up): exit code, stdout, stderr. Every
+    CLI keeps one subprocess test; argument-error lists run here."""
+    try:
+        code = importlib.import_module(module).main([str(a) for a in args])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(code: int, out: str, err: str) -> str:
+    """The single `error: ...` line of a failed CLI run (exit 2, nothing on stdout, no traceback)."""
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("error:"), err[-3000:]
+    return lines[0]
