@@ -35,13 +35,18 @@ def log(msg: str) -> None:
     print(f"[ort_table] {msg}", file=sys.stderr, flush=True)
 
 
-def run_module(module: str, args: list[str]) -> dict[str, Any]:
-    """`python -m module args` from the repo root; its last stdout line as JSON."""
+def run_module(module: str, args: list[str]) -> str:
+    """`python -m module args` from the repo root; its last stdout line."""
     log(f"python -m {module} {' '.join(args)}")
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise DFQFError(f"python -m {module} exited with code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def run_report(module: str, args: list[str]) -> dict[str, Any]:
+    """`run_module` for a command whose last stdout line is its JSON report."""
+    return json.loads(run_module(module, args))
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,9 @@ def rows_for(name: str, student: Path, o: OrtTableOptions) -> tuple[list[dict[st
     """Parity of every (graph structure, ONNX variant) of `student`, and one bench run timing them all."""
     arts = {"default": build(student, o.work / name / "default", False),
             "ort": build(student, o.work / name / "ort", True)}
-    parity = {k: run_module("runtime.parity", [str(a), "--data-dir", str(o.data_dir), "--json-out",
+    parity = {k: run_report("runtime.parity", [str(a), "--data-dir", str(o.data_dir), "--json-out",
                                                str(a / "parity.json")]) for k, a in arts.items()}
-    bench = run_module("benchmarks.bench", [
+    bench = run_report("benchmarks.bench", [
         str(arts["ort"]), "--artifact-int4", str(arts["default"]), "--engines", ",".join(engines(name)),
         "--batch", ",".join(map(str, o.batch)), "--threads", ",".join(map(str, o.threads)), "--budget",
         str(o.budget), "--data-dir", str(o.data_dir), "--json-out", str(o.work / name / "bench.json")])

@@ -164,6 +164,24 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+def bits_map(text: str) -> dict[str, int]:
+    """argparse type: 'layer3_*_aq=8,fc=6' -> {'layer3_*_aq': 8, 'fc': 6} (names or fnmatch patterns).
+
+    >>> bits_map("layer3_*_aq=8,fc=6")
+    {'layer3_*_aq': 8, 'fc': 6}
+    """
+    out: dict[str, int] = {}
+    for item in (t for t in text.split(",") if t):
+        name, sep, bits = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = int(bits)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=BITS[,NAME=BITS...], got {text!r}") from None
+    return out
+
+
 def str_list(text: str) -> list[str]:
     """argparse type: 'a,b' -> ['a', 'b'] (empty items dropped)."""
     return [v for v in text.split(",") if v]
@@ -215,6 +233,11 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             raise DFQFError(f"{name} must be a list, got {value!r}")
         items = [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
         return origin(items)
+    if origin is dict:
+        key, item = typing.get_args(base)
+        if not isinstance(value, dict):
+            raise DFQFError(f"{name} must be an object, got {value!r}")
+        return {_coerce(f"{name} key", key, k): _coerce(f"{name}[{k!r}]", item, v) for k, v in value.items()}
     if base is bool:
         if not isinstance(value, bool):
             raise DFQFError(f"{name} must be true or false, got {value!r}")

@@ -34,12 +34,13 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_students():
-    """{(wbits, abits): (student, info)} for W8A8, W4A4 and W3A5 (built on first use)."""
+    """(wbits, abits[, residual_bits]) -> (student, info), built on first use."""
     cache: dict = {}
 
-    def get(wbits: int, abits: int):
-        if (wbits, abits) not in cache:
-            cache[wbits, abits] = make_tiny_student(wbits, abits)
-        return cache[wbits, abits]
+    def get(wbits: int, abits: int, residual_bits: int | None = None):
+        key = (wbits, abits, residual_bits)
+        if key not in cache:
+            cache[key] = make_tiny_student(wbits, abits, residual_bits=residual_bits)
+        return cache[key]
 
     return get

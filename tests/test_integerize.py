@@ -133,7 +133,7 @@ def _pixels(info, n=32, seed=5):
     return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (3, 5)])
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (3, 5), (4, 4, 8)])  # (4, 4, 8): 8-bit residual stream
 def test_integer_graph_matches_fakequant_student(tiny_students, bits):
     student, info = tiny_students(*bits)
     g = integerize(student, info.mean, info.std, info.input_size)

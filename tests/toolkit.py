@@ -243,7 +243,7 @@ def assert_exact(g: IntGraph, executable=None, device: str = "cpu", **compile_op
 
 
 # -- a tiny trained-looking student -----------------------------------------------------------------------------
-def make_tiny_student(wbits: int = 8, abits: int = 8, seed: int = 0):
+def make_tiny_student(wbits: int = 8, abits: int = 8, seed: int = 0, residual_bits: int | None = None):
     """A calibrated fake-quant TinyNet student (16x16 input, 10 classes) and its ArchInfo: the standard
     fixture for lowering tests. Calibrated with MSE ranges on seeded random pixels."""
     import torch
@@ -255,7 +255,8 @@ def make_tiny_student(wbits: int = 8, abits: int = 8, seed: int = 0):
 
     info = get_arch("tinynet")
     torch.manual_seed(seed)
-    student = quantize_model(build_model("tinynet").eval(), QuantConfig(wbits=wbits, abits=abits))
+    student = quantize_model(build_model("tinynet").eval(), QuantConfig(wbits=wbits, abits=abits,
+                                                                          residual_bits=residual_bits))
     c, h, w = info.input_size
     pixels = np.random.default_rng(seed).integers(0, 256, (64, h, w, c), dtype=np.uint8)
     calibrate(student, [normalize(pixels, info.mean, info.std).contiguous()], "mse")

@@ -35,7 +35,6 @@ from .distributed import Dist, setup_distributed, shutdown
 from .generator import save_generator
 from .losses import BNStatsHook, generator_loss, kd_loss
 from .quant.calibrate import calibrate_activations
-from .quant.convert import QuantConfig
 from .reconstruct import ReconstructionConfig, reconstruct
 from .samples import CIFAR10_CLASSES, save_sample_grid
 from .seeds import G_AUGMENT, S_BATCH
@@ -241,13 +240,14 @@ def write_outputs(job: Job) -> dict[str, Any]:
     if source.trains_generator:
         save_generator(job.out / "generator.pt", job.generator)
     save_student(job.out / "student.pt", job.final_student.cpu(), job.arch, job.info.num_classes,
-                 QuantConfig(c.wbits, c.abits, c.first_last_bits), source.method, source.data_free, meta)
+                 c.quant_config(), source.method, source.data_free, meta)
     job.final_student.to(job.d.device)
     if source.trains_generator:
         write_samples(job)
     report: dict[str, Any] = {
         "method": source.method, "data_free": source.data_free, "arch": job.arch, "wbits": c.wbits, "abits": c.abits,
-        "first_last_bits": c.first_last_bits, "schedule": c.schedule, "wall_seconds": round(job.elapsed(), 1),
+        "first_last_bits": c.first_last_bits, "residual_bits": c.residual_bits, "bits_override": c.bits_override,
+        "schedule": c.schedule, "wall_seconds": round(job.elapsed(), 1),
         "student_steps": job.s_total, "images_generated": job.images_generated, "world_size": job.d.world,
         "device": str(job.d.device), "threads": torch.get_num_threads(),
         "student_ema_decay": job.ema.decay if job.ema else None, **meta,

@@ -6,10 +6,11 @@ stopped by a non-finite loss is resumed with lower ones).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from core.cli import (
+    bits_map,
     check_fields,
     float_list,
     fraction,
@@ -26,6 +27,7 @@ from .data import EVAL_DATA_HELP
 from .losses import ADV_KINDS, BN_KINDS, GeneratorLossWeights
 from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP
 from .quant.calibrate import OBSERVERS
+from .quant.convert import BITS_OVERRIDE_HELP, RESIDUAL_BITS_HELP, QuantConfig, check_bit_overrides
 from .quant.spec import check_bits
 
 SCHEDULES = ("two-stage", "alternating")
@@ -44,6 +46,8 @@ class DFQFConfig:
     wbits: int = option(4, "weight bits", check=check_bits)
     abits: int = option(4, "activation bits", check=check_bits)
     first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
+    residual_bits: int | None = option(None, RESIDUAL_BITS_HELP, check=check_bits)
+    bits_override: dict[str, int] = option({}, BITS_OVERRIDE_HELP, parse=bits_map, check=check_bit_overrides)
     # schedule: two-stage (train G, synthesize and freeze, fine-tune S) or alternating G/S updates
     schedule: str = option("two-stage", "two-stage or alternating", check=one_of(*SCHEDULES))
     seed: int = option(0, "random seed")
@@ -107,6 +111,9 @@ class DFQFConfig:
                                     bn_kind=self.bn_kind, adversarial=self.w_adv, adversarial_kind=self.adv_kind,
                                     ce=self.w_ce)
 
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -118,7 +125,7 @@ class DFQFConfig:
     def resume_differences(self, saved: dict[str, Any]) -> list[str]:
         """Result fields in which `saved` (an earlier config.json) differs from this config; a field added
         after that run was started is compared at its default (the behaviour of the code it ran with)."""
-        defaults = {f.name: f.default for f in fields(DFQFConfig)}
+        defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(DFQFConfig)}
         ours = {k: v for k, v in self.result_fields().items() if k not in LR_FIELDS}
         return sorted(k for k in ours if saved.get(k, defaults[k]) != ours[k])
 

@@ -38,7 +38,7 @@ from .generator import Generator
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import ArchInfo, teacher_arch
 from .quant.calibrate import calibrate_weights
-from .quant.convert import QuantConfig, quantize_model
+from .quant.convert import quantize_model
 from .quant.modules import ActQuantizer, WeightQuantizer
 from .run_state import METRICS, MetricsLog, load_checkpoint, save_checkpoint
 from .seeds import Seeds, rng_state, set_rng_state
@@ -81,7 +81,7 @@ def prepare_out(cfg: DFQFConfig, d: Dist) -> Path:
 def initial_student(teacher: nn.Module, cfg: DFQFConfig, info: ArchInfo) -> fx.GraphModule:
     """Teacher -> BN folded -> quantizers; weight ranges by MSE, activation ranges from BN statistics
     (data-free, DFQ-style) until the synthetic set exists to calibrate on."""
-    student = quantize_model(teacher, QuantConfig(cfg.wbits, cfg.abits, cfg.first_last_bits))
+    student = quantize_model(teacher, cfg.quant_config())
     calibrate_weights(student, cfg.init_observer)
     prop = propagate(student, bn_output_stats(teacher), input_gaussian(info.mean, info.std))
     m, s = torch.tensor(info.mean), torch.tensor(info.std)

@@ -1,6 +1,6 @@
 """Post-training quantization baselines, under the same integer-deployable protocol as DFQF.
 
-    python -m train.ptq --method {minmax,dfq,zeroq,real-calib} --arch resnet20 --weights W \
+    python -m train.ptq --method {minmax,dfq,zeroq,recon,real-calib} --arch resnet20 --weights W \
         --wbits 4 --abits 4 --out DIR [--data-dir D]
 
 Writes DIR/student.pt (the format lower.compile reads) and DIR/report.json (FP and quantized top-1 when a
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.cli import check_fields, cli_main, float_list, one_of, option, parse_options, positive
+from core.cli import bits_map, check_fields, cli_main, float_list, one_of, option, parse_options, positive
 from core.errors import DFQFError
 from core.files import sha256_file, write_json_atomic
 from core.paths import optional_data_dir
@@ -40,7 +40,7 @@ from .evaluate import evaluate_top1
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP, ArchInfo, teacher_arch
 from .quant.calibrate import OBSERVERS, calibrate
-from .quant.convert import QuantConfig, quantize_model
+from .quant.convert import BITS_OVERRIDE_HELP, RESIDUAL_BITS_HELP, QuantConfig, check_bit_overrides, quantize_model
 from .quant.spec import check_bits
 from .reconstruct import ReconstructionConfig, reconstruct
 from .student import save_student
@@ -136,6 +136,8 @@ class PTQOptions:
     wbits: int = option(4, "weight bits", check=check_bits)
     abits: int = option(4, "activation bits", check=check_bits)
     first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
+    residual_bits: int | None = option(None, RESIDUAL_BITS_HELP, check=check_bits)
+    bits_override: dict[str, int] = option({}, BITS_OVERRIDE_HELP, parse=bits_map, check=check_bit_overrides)
     observer: str = option("minmax", "range estimator for minmax/zeroq/real-calib", check=one_of(*OBSERVERS))
     data_dir: Path | None = option(None, "evaluation data (default: $DFQF_DATA_DIR; optional)")
     split: str = option("test", "evaluation split")
@@ -152,7 +154,7 @@ class PTQOptions:
 
     @property
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.first_last_bits)
+        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
 
 
 def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, float], None]:

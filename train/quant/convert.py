@@ -13,6 +13,7 @@ the integer graph returns the int32 accumulator and its scale.
 """
 from __future__ import annotations
 
+import fnmatch
 import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -28,24 +29,64 @@ from .fold import fold_batch_norm
 from .modules import ActQuantizer, QuantConv2d, QuantLinear
 from .spec import activation_spec, check_bits, input_spec, weight_spec
 
+RESIDUAL_BITS_HELP = ("bits of the activations more than one layer consumes (the residual stream: block inputs "
+                      "shared by the shortcut and the first conv); default: --abits")
+BITS_OVERRIDE_HELP = ("per-quantizer bits, NAME=BITS[,...]: NAME a conv/linear module (its weights), '<node>_aq' "
+                      "(an activation) or an fnmatch pattern such as 'layer3_*_aq'")
+
+
+def check_bit_overrides(overrides: dict[str, int]) -> None:
+    """Every value of a NAME=BITS map is a valid bit width (ValueError, as option checks raise)."""
+    for name, bits in overrides.items():
+        try:
+            check_bits(bits)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Bit widths of a student. `overrides` maps a quantizer name (a conv/linear module name for weights,
-    '<node>_aq' for activations) to its bits, for mixed-precision policies."""
+    """Bit widths of a student, most specific first:
+    - `overrides` maps a quantizer name, or an fnmatch pattern of names, to its bits (a conv/linear module
+      name for weights, '<node>_aq' for activations; an exact name wins over patterns, then the first
+      matching pattern): mixed-precision policies;
+    - `first_last_bits`: the first conv and the last linear, their weights and inputs;
+    - `residual_bits` (None: `abits`): activations that more than one layer consumes — the residual stream
+      of a ResNet or MobileNetV2 (the block inputs its shortcut and its first conv share);
+    - `wbits`, `abits`: everything else.
+
+    >>> QuantConfig(overrides={"layer1_*_aq": 8, "layer1_0_relu1_aq": 6}).bits("layer1_0_relu1_aq", 4)
+    6
+    >>> QuantConfig(overrides={"layer1_*_aq": 8}).bits("layer1_2_relu2_aq", 4)
+    8
+    """
 
     wbits: int = 4
     abits: int = 4
     first_last_bits: int = 8
     overrides: dict[str, int] = field(default_factory=dict)
+    residual_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.overrides, dict) or not all(isinstance(k, str) and k for k in self.overrides):
+            raise DFQFError(f"overrides must map quantizer names (or patterns) to bits, got {self.overrides!r}")
         for name, b in [("wbits", self.wbits), ("abits", self.abits), ("first_last_bits", self.first_last_bits),
+                        *([("residual_bits", self.residual_bits)] if self.residual_bits is not None else []),
                         *self.overrides.items()]:
             try:
                 check_bits(b)
             except ValueError as e:
                 raise DFQFError(f"{name} {e}, got {b!r}") from None
+
+    def bits(self, name: str, default: int) -> int:
+        """The bits of quantizer `name`, whose policy default is `default`."""
+        if name in self.overrides:
+            return self.overrides[name]
+        return next((b for pattern, b in self.overrides.items() if fnmatch.fnmatchcase(name, pattern)), default)
+
+    def unmatched(self, names: list[str]) -> list[str]:
+        """The override keys that name none of `names` (a typo would otherwise silently do nothing)."""
+        return [k for k in self.overrides if not any(n == k or fnmatch.fnmatchcase(n, k) for n in names)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +109,7 @@ class _Converter:
         self.root = nn.Module()
         self.state: dict[fx.Node, _State] = {}
         self.quantized: dict[fx.Node, _State] = {}  # memo: node -> its quantized version
+        self.named: list[str] = []  # every quantizer name whose bits were asked (to check the overrides)
         linear_like = [n for n in gm.graph.nodes if n.op == "call_module"
                        and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))]
         if not linear_like:
@@ -76,7 +118,8 @@ class _Converter:
 
     # -- helpers ---------------------------------------------------------------------------------
     def bits(self, name: str, default: int) -> int:
-        return self.config.overrides.get(name, default)
+        self.named.append(name)
+        return self.config.bits(name, default)
 
     def need_q(self, src: fx.Node, bits: int) -> _State:
         """The quantized version of original node `src`, inserting an ActQuantizer on first use.
@@ -87,7 +130,10 @@ class _Converter:
             return st
         if st.node not in self.quantized:
             name = f"{st.node.name}_aq"
-            bits = self.config.first_last_bits if self.feeds_edge_layer(src) else bits
+            if self.feeds_edge_layer(src):
+                bits = self.config.first_last_bits
+            elif self.config.residual_bits is not None and len(src.users) > 1:
+                bits = self.config.residual_bits
             q = ActQuantizer(activation_spec(self.bits(name, bits), signed=not st.nonneg))
             self.root.add_module(name, q)
             node = self.graph.call_module(name, (st.node,))
@@ -123,6 +169,10 @@ class _Converter:
                 raise DFQFError(f"unsupported graph node {n.name}: parameters used outside a layer")
             else:
                 self.state[n] = self.convert(n)
+        unmatched = self.config.unmatched(self.named)
+        if unmatched:
+            raise DFQFError(f"bit override(s) {', '.join(unmatched)} match no quantizer of this model; its "
+                            f"quantizers: {', '.join(self.named)}")
         return fx.GraphModule(self.root, self.graph)
 
     def convert(self, n: fx.Node) -> _State:
