@@ -111,15 +111,16 @@ def markdown(report: dict[str, Any]) -> str:
              f"`quantize_static` model of the teacher) measured in the same run; agreement: top-1 agreement with "
              f"the artifact's own integer graph on the 10,000 test images (`runtime.parity`). Goal: fast variant "
              f"≤ {GOAL}× ort_int8 with agreement ≥ {AGREEMENT_GOAL:.1%}.", "",
-             "| bits | integer graph | ONNX variant | agreement | max code diff | integer top-1 | "
-             + " | ".join(f"{c} ms (× ort_int8)" for c in configs) + " |",
-             "|---|---|---|---:|---:|---:|" + "---:|" * len(configs)]
+             "| bits | integer graph | ONNX variant | agreement with integer | max code diff | integer top-1 | "
+             "integer vs fake-quant | " + " | ".join(f"{c} ms (× ort_int8)" for c in configs) + " |",
+             "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(configs)]
     for r in report["rows"]:
-        cells = [f"{r['ms'][c]} ({r['vs_ort_int8'][c]}×)" if r["ms"][c] else "–" for c in configs]
+        cells = [f"{r['ms'][c]:.3g} ({r['vs_ort_int8'][c]:.2f}×)" if r["ms"][c] else "–" for c in configs]
         lines.append(f"| {r['bits']} | {r['graph']} | {r['variant']} | {r['agreement_with_integer']:.2%} | "
-                     f"{r['max_code_diff']} | {r['integer_top1']} | " + " | ".join(cells) + " |")
+                     f"{r['max_code_diff']} | {r['integer_top1']} | {r['integer_vs_fakequant_agreement']:.2%} | "
+                     + " | ".join(cells) + " |")
     for bits, peer in report["ort_int8_ms"].items():
-        lines.append(f"\n`ort_int8` ({bits}): " + ", ".join(f"{c} {v} ms" for c, v in peer.items()))
+        lines.append(f"\n`ort_int8` ({bits} run): " + ", ".join(f"{c} {v:.3g} ms" for c, v in peer.items()))
     lines += ["", f"Command: `{report['command']}` ({report['seconds']} s). Threads, batch and CPU as in the columns "
               "and title; each bench run interleaves its engines in one process per thread count."]
     return "\n".join(lines) + "\n"

@@ -94,3 +94,20 @@ def test_exact_variant_codes_include_4bit_tensors(tmp_path) -> None:
     assert {"act1", "act2"} <= set(codes)
     for t in codes:
         assert np.abs(codes[t] - ints[t].astype(np.int64)).max() <= 1, t
+
+
+def test_ort_table_rows_name_the_engines_bench_times() -> None:
+    """benchmarks.ort_table reads bench's engine names back; a renamed engine would leave its cells empty."""
+    from benchmarks.engines import ort_engine_name
+    from benchmarks.ort_table import engines, markdown
+
+    for bits in ("int8", "int4"):
+        names = engines(bits)
+        assert {ort_engine_name(v, a) for v in ("exact", "fast") for a in (bits, f"{bits}b")} <= set(names)
+    row = {"bits": "int8", "graph": "ort", "variant": "fast", "agreement_with_integer": 0.9991, "max_code_diff": 11,
+           "integer_top1": 88.32, "integer_vs_fakequant_agreement": 0.9932, "ms": {"b1t1": 0.57, "b128t1": None},
+           "vs_ort_int8": {"b1t1": 0.956, "b128t1": None}}
+    md = markdown({"environment": {"cpu": "CPU X"}, "rows": [row], "ort_int8_ms": {"int8": {"b1t1": 0.596}},
+                   "command": "python -m benchmarks.ort_table", "seconds": 1.0})
+    assert "| int8 | ort | fast | 99.91% | 11 | 88.32 | 99.32% | 0.57 (0.96×) | – |" in md
+    assert "b1t1 0.596 ms" in md and "CPU X" in md
