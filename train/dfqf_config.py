@@ -10,7 +10,6 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from core.cli import (
-    bits_map,
     check_fields,
     float_list,
     fraction,
@@ -27,8 +26,7 @@ from .data import EVAL_DATA_HELP
 from .losses import ADV_KINDS, BN_KINDS, GeneratorLossWeights
 from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP
 from .quant.calibrate import OBSERVERS
-from .quant.convert import BITS_OVERRIDE_HELP, RESIDUAL_BITS_HELP, QuantConfig, check_bit_overrides
-from .quant.spec import check_bits
+from .quant.convert import QuantOptions
 
 SCHEDULES = ("two-stage", "alternating")
 LR_FIELDS = {"g_lr", "s_lr", "s_scale_lr"}  # may change on --resume (e.g. after a non-finite loss)
@@ -36,18 +34,13 @@ _W = GeneratorLossWeights  # the loss-weight defaults live there (one source)
 
 
 @dataclass(frozen=True)
-class DFQFConfig:
+class DFQFConfig(QuantOptions):
     # teacher and protocol
     arch: str = option("resnet20", "teacher architecture (see train.models.ARCHS)")
     weights: str | None = option(None, "teacher state_dict (default: the arch's default teacher)")
     model: str | None = option(None, MODEL_HELP)
     mean: list[float] | None = option(None, MEAN_HELP, parse=float_list)
     std: list[float] | None = option(None, STD_HELP, parse=float_list)
-    wbits: int = option(4, "weight bits", check=check_bits)
-    abits: int = option(4, "activation bits", check=check_bits)
-    first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
-    residual_bits: int | None = option(None, RESIDUAL_BITS_HELP, check=check_bits)
-    bits_override: dict[str, int] = option({}, BITS_OVERRIDE_HELP, parse=bits_map, check=check_bit_overrides)
     # schedule: two-stage (train G, synthesize and freeze, fine-tune S) or alternating G/S updates
     schedule: str = option("two-stage", "two-stage or alternating", check=one_of(*SCHEDULES))
     seed: int = option(0, "random seed")
@@ -110,9 +103,6 @@ class DFQFConfig:
         return GeneratorLossWeights(inception=self.w_inception, balance=self.w_balance, bn=self.w_bn,
                                     bn_kind=self.bn_kind, adversarial=self.w_adv, adversarial_kind=self.adv_kind,
                                     ce=self.w_ce)
-
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.cli import bits_map, check_fields, cli_main, float_list, one_of, option, parse_options, positive
+from core.cli import check_fields, cli_main, float_list, one_of, option, parse_options, positive
 from core.errors import DFQFError
 from core.files import sha256_file, write_json_atomic
 from core.paths import optional_data_dir
@@ -40,8 +40,7 @@ from .evaluate import evaluate_top1
 from .models import get_arch, load_teacher, resolve_weights
 from .models.registry import MEAN_HELP, MODEL_HELP, STD_HELP, ArchInfo, teacher_arch
 from .quant.calibrate import OBSERVERS, calibrate
-from .quant.convert import BITS_OVERRIDE_HELP, RESIDUAL_BITS_HELP, QuantConfig, check_bit_overrides, quantize_model
-from .quant.spec import check_bits
+from .quant.convert import QuantConfig, QuantOptions, quantize_model
 from .reconstruct import ReconstructionConfig, reconstruct
 from .student import save_student
 
@@ -123,7 +122,7 @@ METHODS: dict[str, tuple[Callable[[PTQContext], tuple[fx.GraphModule, dict[str, 
 
 
 @dataclass(frozen=True)
-class PTQOptions:
+class PTQOptions(QuantOptions):
     """A PTQ run (each field is also a flag of `python -m train.ptq`)."""
 
     method: str = option(help="quantization method", check=one_of(*METHODS))
@@ -133,11 +132,6 @@ class PTQOptions:
     model: Path | None = option(None, MODEL_HELP)
     mean: list[float] | None = option(None, MEAN_HELP, parse=float_list)
     std: list[float] | None = option(None, STD_HELP, parse=float_list)
-    wbits: int = option(4, "weight bits", check=check_bits)
-    abits: int = option(4, "activation bits", check=check_bits)
-    first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
-    residual_bits: int | None = option(None, RESIDUAL_BITS_HELP, check=check_bits)
-    bits_override: dict[str, int] = option({}, BITS_OVERRIDE_HELP, parse=bits_map, check=check_bit_overrides)
     observer: str = option("minmax", "range estimator for minmax/zeroq/real-calib", check=one_of(*OBSERVERS))
     data_dir: Path | None = option(None, "evaluation data (default: $DFQF_DATA_DIR; optional)")
     split: str = option("test", "evaluation split")
@@ -152,9 +146,6 @@ class PTQOptions:
     def __post_init__(self) -> None:
         check_fields(self)
 
-    @property
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
 
 
 def _distill_progress(n: int, iters: int, batch: int) -> Callable[[int, int, float], None]:
@@ -192,7 +183,7 @@ def run(args: PTQOptions) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     arch = teacher_arch(args.arch, args.weights, args.model, args.mean, args.std)  # --model registers one
     info = get_arch(arch)
-    config = args.quant_config
+    config = args.quant_config()
     out = Path(args.out)
     _check_out(out)
     data_dir = optional_data_dir(args.data_dir)

@@ -23,16 +23,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from core.cli import bits_map, option
 from core.errors import DFQFError
 
 from .fold import fold_batch_norm
 from .modules import ActQuantizer, QuantConv2d, QuantLinear
 from .spec import activation_spec, check_bits, input_spec, weight_spec
-
-RESIDUAL_BITS_HELP = ("bits of the activations more than one layer consumes (the residual stream: block inputs "
-                      "shared by the shortcut and the first conv); default: --abits")
-BITS_OVERRIDE_HELP = ("per-quantizer bits, NAME=BITS[,...]: NAME a conv/linear module (its weights), '<node>_aq' "
-                      "(an activation) or an fnmatch pattern such as 'layer3_*_aq'")
 
 
 def check_bit_overrides(overrides: dict[str, int]) -> None:
@@ -90,6 +86,25 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantOptions:
+    """The bit-width flags every quantizing CLI shares (train.dfqf, train.ptq): a base of their options
+    dataclasses, which call `check_fields` in their own `__post_init__`."""
+
+    wbits: int = option(4, "weight bits", check=check_bits)
+    abits: int = option(4, "activation bits", check=check_bits)
+    first_last_bits: int = option(8, "bits of the first conv and last linear", check=check_bits)
+    residual_bits: int | None = option(None, "bits of the activations more than one layer consumes (the "
+                                       "residual stream: block inputs shared by the shortcut and the first conv); "
+                                       "default: --abits", check=check_bits)
+    bits_override: dict[str, int] = option({}, "per-quantizer bits, NAME=BITS[,...]: NAME a conv/linear module "
+                                           "(its weights), '<node>_aq' (an activation) or an fnmatch pattern such "
+                                           "as 'layer3_*_aq'", parse=bits_map, check=check_bit_overrides)
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
 
 
 @dataclass
