@@ -107,9 +107,7 @@ def conv2d_nhwc_s16(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
     register_intrinsics()
     kernel, stride, dilation, out_blocks = shape.kernel, shape.stride, shape.dilation, shape.out_blocks
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    inputs, x = x86_conv.padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "int16",
-                                      lambda v, zp: v.astype("int16") - zp.astype("int16"),
-                                      lambda zp: tirx.const(0, "int16"))
+    inputs, x = x86_conv.padded_int16_input(batch, shape)
     h, w = x.shape[1:3]
     oh, ow = out_hw((int(h), int(w)), kernel, stride, dilation)
     cb = int(x.shape[3]) // 4

@@ -152,6 +152,13 @@ def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: i
     return [x, zp], te.compute((batch, h + 2 * ph, w + 2 * pw, cin), stage, name="pad")
 
 
+def padded_int16_input(batch, shape: ConvShape) -> tuple[list[te.Tensor], te.Tensor]:
+    """`padded_input` as the int16 kernels (AVX2 conv, depthwise) read it: x - zero_point widened to int16,
+    zeros in the padding."""
+    return padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "int16",
+                        lambda v, zp: v.astype("int16") - zp.astype("int16"), lambda zp: tirx.const(0, "int16"))
+
+
 def kernel_func(args: list[te.Tensor], conv: te.Tensor, batch, oh: int, ow: int, lanes: int,
                 epilogue: Epilogue | None, name: str) -> tirx.PrimFunc:
     """The unscheduled PrimFunc: conv's inputs `args`, then either the int32 store or the epilogue."""

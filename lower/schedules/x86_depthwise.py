@@ -49,9 +49,7 @@ def depthwise_nhwc(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None 
     `tile` is accepted for the tuner's interface and ignored: the kernel has no register tile."""
     kernel, stride, dilation = shape.kernel, shape.stride, shape.dilation
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    inputs, x = x86_conv.padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "int16",
-                                      lambda v, zp: v.astype("int16") - zp.astype("int16"),
-                                      lambda zp: tirx.const(0, "int16"))
+    inputs, x = x86_conv.padded_int16_input(batch, shape)
     h, w = x.shape[1:3]
     oh, ow = out_hw((int(h), int(w)), kernel, stride, dilation)
     blocks = shape.out_blocks
