@@ -29,6 +29,7 @@ from .environment import environment
 
 RESULTS = Path(__file__).parent / "results"
 JPEG, ORIGINAL = "teachers/resnet20_cifar10_jpeg.pt", "teachers/resnet20_cifar10.pt"
+RESNET56 = "teachers/resnet56_cifar10.pt"
 # name -> (teacher, split, extra flags)
 ROWS: dict[str, tuple[str, str, list[str]]] = {
     "w8a8": (JPEG, "test", ["--wbits", "8", "--abits", "8"]),
@@ -36,6 +37,10 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "w4a4": (JPEG, "test", []),
     "w3a3": (JPEG, "test", ["--wbits", "3", "--abits", "3"]),
     "w4a4-original": (ORIGINAL, "lossless932", []),
+    # protocol (b): the residual stream (activations read by a shortcut and a conv) at 8 bits, still integer
+    "w4a4-res8": (JPEG, "test", ["--residual-bits", "8"]),
+    # a deeper teacher the defaults were not tuned on (public weights: JPEG test split, lossless932 in parity)
+    "w4a4-resnet56": (RESNET56, "test", ["--arch", "resnet56"]),
     "w4a4-no-inception": (JPEG, "test", ["--w-inception", "0"]),
     "w4a4-no-bn": (JPEG, "test", ["--w-bn", "0"]),
     "w4a4-no-adversarial": (JPEG, "test", ["--w-adv", "0"]),
