@@ -319,5 +319,6 @@ def test_quant_config_rejects_override_bits(bits: int) -> None:
 
 def test_quant_config_accepts_range_ends() -> None:
     for b in (2, 8):
-        cfg = QuantConfig(wbits=b, abits=b, first_last_bits=b, overrides={"x": b})
-        assert cfg.to_dict() == {"wbits": b, "abits": b, "first_last_bits": b, "overrides": {"x": b}}
+        cfg = QuantConfig(wbits=b, abits=b, first_last_bits=b, overrides={"x": b}, residual_bits=b)
+        assert cfg.to_dict() == {"wbits": b, "abits": b, "first_last_bits": b, "overrides": {"x": b},
+                                 "residual_bits": b}
