@@ -24,10 +24,11 @@ from lower.compile import CompileOptions, compile_student
 from runtime.model import IntegerModel
 from runtime.model import load as load_artifact
 from train.models.registry import EXPORTED_PROGRAMS, module_arch
+from train.ptq import METHODS as PTQ_TABLE
 
 MODEL_FILE_NAME = "teacher.pt2"  # where quantize() saves an nn.Module's export, inside OUT
 
-PTQ_METHODS = ("minmax", "dfq", "zeroq", "recon", "real-calib")  # train.ptq's methods
+PTQ_METHODS = tuple(PTQ_TABLE)  # train.ptq's methods
 
 __all__ = ["DFQFError", "compile", "export", "load", "quantize"]
 

@@ -43,6 +43,7 @@ from core.errors import DFQFError
 from train.quant.primitives import round_half_up_np
 
 from .graph import IntGraph, Node, TensorInfo
+from .ort_graph import term_scale
 
 OPSET, IR_VERSION = 21, 10
 INPUT, OUTPUT = "pixels", "logits"
@@ -205,14 +206,10 @@ def _requantize(b: _Builder, n: Node) -> str:
 
 def _term_codes(b: _Builder, n: Node, t: str) -> str:
     """The `fast` variant: an int32 term of a sum (a residual block's conv) quantized on its own to int8 codes
-    (stored u8 + 128) at scale (qmax - qmin) * s_y / 127 — the output's whole range on each side of zero,
-    so a term is clipped only where the sum would saturate anyway — then DequantizeLinear: DQ -> Conv -> Q
-    and DQ -> Add -> Q are ORT's QLinearConv and QLinearAdd. A second rounding: up to half a term step."""
-    out = b.graph.tensors[n.name]
-    if len(out.scale) != 1:
-        raise DFQFError(f"{n.name}: splitting a per-channel quantized sum is not supported in the ONNX export")
-    scale = b.const(f"{t}/term_scale", np.float32((n.attrs["qmax"] - n.attrs["qmin"]) * out.scale[0] / 127),
-                    TensorProto.FLOAT)
+    (stored u8 + 128) at `lower.ort_graph.term_scale`, as the --for-ort graph does, then DequantizeLinear:
+    DQ -> Conv -> Q and DQ -> Add -> Q are ORT's QLinearConv and QLinearAdd. A second rounding: up to half
+    a term step."""
+    scale = b.const(f"{t}/term_scale", np.float32(term_scale(n, b.graph)), TensorProto.FLOAT)
     zero = b.const(f"{t}/term_zero_point", np.uint8(128), TensorProto.UINT8)
     q = b.op("QuantizeLinear", [b.real[t], scale, zero], f"{t}/term_q")
     return b.op("DequantizeLinear", [q, scale, zero], f"{t}/term_real")

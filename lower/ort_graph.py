@@ -87,13 +87,20 @@ def _add_bias(conv: Node, steps: np.ndarray) -> None:
     conv.params["bias"] = b.astype(np.int32)
 
 
-def _term(n: Node, i: int, conv: Node, graph: IntGraph, fold: bool) -> tuple[Node, TensorInfo]:
-    """The int32 term `i` of sum `n` as its own requantize to int8 at (qmax - qmin) * s_y / 127 (the sum's
-    offset folded into the first such term's conv bias)."""
-    out, acc = graph.tensors[n.name], graph.tensors[conv.name]
+def term_scale(n: Node, graph: IntGraph) -> float:
+    """The scale of the int8 terms a sum `n` is split into: (qmax - qmin) * s_y / 127, the output's whole range
+    on either side of zero (a term is clipped only where the sum saturates anyway); per-tensor sums only."""
+    out = graph.tensors[n.name]
     if len(out.scale) != 1:
-        raise DFQFError(f"{n.name}: a per-channel quantized sum cannot be split for ORT")
-    s_term = (n.attrs["qmax"] - n.attrs["qmin"]) * out.scale[0] / 127
+        raise DFQFError(f"{n.name}: a per-channel quantized sum cannot be split into int8 terms for ORT")
+    return (n.attrs["qmax"] - n.attrs["qmin"]) * out.scale[0] / 127
+
+
+def _term(n: Node, i: int, conv: Node, graph: IntGraph, fold: bool) -> tuple[Node, TensorInfo]:
+    """The int32 term `i` of sum `n` as its own requantize to int8 at `term_scale` (the sum's offset folded
+    into the first such term's conv bias)."""
+    out, acc = graph.tensors[n.name], graph.tensors[conv.name]
+    s_term = term_scale(n, graph)
     shift = np.asarray(n.params["shift"], np.float64)
     if fold and np.any(n.params["offset"]):  # offset / 2^shift output steps = offset * s_y / 2^shift reals
         real = np.asarray(n.params["offset"], np.float64) / 2.0**shift * out.scale[0]

@@ -83,7 +83,8 @@ class OrtCodes:
         self.names = [OUTPUT]
         for tensor, _ in self.outputs.values():  # as int32: numpy has no 4-bit types
             self.names.append(f"{tensor}/codes")
-            model.graph.node.append(onnx.helper.make_node("Cast", [tensor], [self.names[-1]], to=onnx.TensorProto.INT32))
+            cast = onnx.helper.make_node("Cast", [tensor], [self.names[-1]], to=onnx.TensorProto.INT32)
+            model.graph.node.append(cast)
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(self.names[-1]))
         self.session = inference_session(model, threads)
 

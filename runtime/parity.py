@@ -139,6 +139,17 @@ def images(o: ParityOptions, info: ArchInfo, num_classes: int) -> tuple[np.ndarr
     return x, np.asarray(y), f"{dataset} {o.split} ({data_dir})"
 
 
+def onnx_report(variant: str, tally: Tally, diffs: LayerDiffs) -> dict[str, Any]:
+    """One ONNX variant's result: its top-1, its top-1 agreement with the integer graph, and how far its
+    codes are from the integer graph's, layer by layer."""
+    layers = diffs.report()
+    return {"file": ONNX_FILES[variant], "top1": tally.top1(ORT_KEYS[variant]),
+            "top1_agreement_with_integer": tally.agreement(f"{ORT_KEYS[variant]}_vs_integer"),
+            "max_code_diff": max((r["max_lsb"] for r in layers.values()), default=0),
+            "max_code_diff_per_layer": {k: r["max_lsb"] for k, r in layers.items()},
+            "mismatch_fraction_per_layer": {k: round(r["mismatch_fraction"], 6) for k, r in layers.items()}}
+
+
 def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
     artifact, batch, teacher_path = o.artifact, o.batch, o.teacher
     manifest = read_manifest(artifact, required=(GRAPH, PARAMS, LIBRARY))
@@ -165,7 +176,6 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
     onnx = {v: OrtCodes(artifact / f, g) for v, f in ONNX_FILES.items()  # 1 thread: no spinning pool
             if o.onnx and f in manifest["files"]}
     onnx_diffs = {v: LayerDiffs(g, run.tensors) for v, run in onnx.items()}
-    onnx_agree = dict.fromkeys(onnx, 0)
     tally, diffs, timer = Tally(), LayerDiffs(g), Timer()
     isolated: dict[str, int] = {}
     tvm_equal, t0 = True, time.perf_counter()
@@ -203,7 +213,7 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
         for v, run in onnx.items():
             key = ORT_KEYS[v]
             logits[key], codes_ort = timer(key, run, x)
-            onnx_agree[v] += int((logits[key].argmax(1) == logits["integer"].argmax(1)).sum())
+            tally.count(f"{key}_vs_integer", int((logits[key].argmax(1) == logits["integer"].argmax(1)).sum()))
             onnx_diffs[v].update(codes_ort, ints)
         tally.update(y, logits)
         log(f"{tally.n}/{len(x_all)} images, integer {tally.top1('integer')} fake-quant {tally.top1('fakequant')} "
@@ -218,13 +228,7 @@ def parity(o: ParityOptions, log=lambda msg: None) -> dict[str, Any]:
             "top1_agreement": tally.agreement("integer"),
             "top1_agreement_vs_fp64_fakequant": tally.agreement("integer_fp64"),
             "ort_top1_agreement": tally.agreement("ort"), "tvm_equals_reference": bool(tvm_equal),
-            "onnx": {v: {"file": ONNX_FILES[v], "top1": tally.top1(ORT_KEYS[v]),
-                         "top1_agreement_with_integer": round(onnx_agree[v] / max(tally.n, 1), 5),
-                         "max_code_diff": max((r["max_lsb"] for r in onnx_diffs[v].report().values()), default=0),
-                         "max_code_diff_per_layer": {k: r["max_lsb"] for k, r in onnx_diffs[v].report().items()},
-                         "mismatch_fraction_per_layer": {k: round(r["mismatch_fraction"], 6)
-                                                         for k, r in onnx_diffs[v].report().items()}}
-                     for v in onnx},
+            "onnx": {v: onnx_report(v, tally, onnx_diffs[v]) for v in onnx},
             "disagreements": tally.agree.get("disagreements", 0),
             "disagreements_where_fp64_student_agrees_with_integer": tally.agree.get("disagreements_fp64_with_integer", 0),
             "fp64_images": tally.agree.get("fp64_images", 0),

@@ -27,7 +27,8 @@ def test_residual_bits_raise_exactly_the_shared_activations() -> None:
     shared = {n.target for n in cuts(student)}  # quantizers more than one layer reads
     assert len(shared) == 9  # the stem output and the outputs of blocks 1..8 feed a shortcut and a conv
     assert {bits[n] for n in shared} == {8}
-    edge = {"input_aq", "pool_aq", "flatten"} & set(bits)
+    edge = {"input_aq", "pool_aq"}  # the first conv's and the linear's inputs: first_last_bits
+    assert {bits[n] for n in edge} == {8}
     assert {b for n, b in bits.items() if n not in shared | edge} == {4}
     assert _act_bits(quantize_model(teacher("resnet20"), QuantConfig(4, 4, 8))).keys() == bits.keys()
 

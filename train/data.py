@@ -103,7 +103,7 @@ def _validate(x: np.ndarray, y: np.ndarray, num_classes: int, where: str, channe
 EVAL_DATA_HELP = ("your own labelled images to evaluate on: an .npz (x uint8 [N,H,W,C], y) or an ImageFolder "
                   "tree (never used to train)")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-RESIZE = 256 / 224  # ImageFolder images: the shorter side resized to this × the input side, then center-cropped
+RESIZE = 256 / 224  # ImageFolder images: the shorter side resized to this × the input's longer side, then cropped
 
 
 def read_eval_data(path: str | Path, input_size: Sequence[int], num_classes: int,
@@ -112,8 +112,8 @@ def read_eval_data(path: str | Path, input_size: Sequence[int], num_classes: int
 
     `path` is an .npz (arrays `x` uint8 [N,H,W,C] at the model's size, `y` labels) or an ImageFolder tree
     (one folder per class, classes numbered in sorted folder order as torchvision does). Folder images are
-    resized so that their shorter side is 256/224 of the input side and center-cropped (torchvision's
-    evaluation transform), unless they already have the input size. `limit` keeps a seeded random subset."""
+    resized so that their shorter side is 256/224 of the input's longer side and center-cropped
+    (torchvision's evaluation transform), unless they already have the input size. `limit` keeps a seeded random subset."""
     c, h, w = (int(v) for v in input_size)
     path = Path(path)
     if path.is_dir():
@@ -134,6 +134,7 @@ def read_eval_data(path: str | Path, input_size: Sequence[int], num_classes: int
 def _read_image_folder(root: Path, c: int, h: int, w: int, limit: int | None, seed: int
                        ) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as TF
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [(f, label) for label, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
@@ -150,13 +151,8 @@ def _read_image_folder(root: Path, c: int, h: int, w: int, limit: int | None, se
         try:
             with Image.open(f) as im:
                 im = im.convert("RGB" if c == 3 else "L")
-                if im.size != (w, h):
-                    side = round(min(h, w) * RESIZE)
-                    scale = side / min(im.size)
-                    im = im.resize((max(w, round(im.size[0] * scale)), max(h, round(im.size[1] * scale))),
-                                   Image.BILINEAR)
-                    left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-                    im = im.crop((left, top, left + w, top + h))
+                if im.size != (w, h):  # torchvision's evaluation transform: Resize(side), CenterCrop(h, w)
+                    im = TF.center_crop(TF.resize(im, round(max(h, w) * RESIZE)), [h, w])
                 x[i] = np.asarray(im).reshape(h, w, c)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DFQFError(f"cannot read image {f}: {first_line(e)}") from None

@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             batches, count = _imagenet_batches(args, data_dir)
         else:
             batches, count = _cifar_batches(args, info, data_dir, dataset, num_classes)
-    weights = args.model or (_weights(info, args.weights, data_dir) if data_dir else resolve_weights(arch, args.weights))
+    if args.model is not None:
+        weights = args.model
+    else:
+        weights = _weights(info, args.weights, data_dir) if data_dir else resolve_weights(arch, args.weights)
     model = load_teacher(arch, weights, num_classes)
     progress = tqdm(batches, total=-(-count // args.batch_size), desc=f"eval {arch}", unit="batch",
                     file=sys.stderr)

@@ -43,7 +43,7 @@ class _Rebuild:
     def fold(self, n: fx.Node) -> bool:
         """Evaluate `n` now if it computes on parameters only (e.g. a transposed weight); whether it did."""
         if n.op == "get_attr":
-            self.consts[n] = getattr_path(self.src, n.target).detach()
+            self.consts[n] = operator.attrgetter(n.target)(self.src).detach()
             return True
         inputs = n.all_input_nodes
         aten_op = isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"
@@ -62,12 +62,6 @@ class _Rebuild:
     def function(self, fn: Callable, *args: Any) -> fx.Node:
         return self.graph.call_function(fn, tuple(self.env.get(a, a) if isinstance(a, fx.Node) else a
                                                   for a in args))
-
-
-def getattr_path(m: nn.Module, target: str) -> torch.Tensor:
-    for part in target.split("."):
-        m = getattr(m, part)
-    return m
 
 
 def _arg(n: fx.Node, i: int, default: Any) -> Any:

@@ -170,7 +170,8 @@ def get_arch(name: str) -> ArchInfo:
     if name.startswith(EXPORTED) and name not in ARCHS:
         raise DFQFError(f"architecture {name} is a user's exported model that is not loaded: pass --model FILE")
     if name not in ARCHS:
-        raise DFQFError(f"unknown architecture {name!r}; supported: {', '.join(a for a in ARCHS if not a.startswith(EXPORTED))}")
+        known = ", ".join(a for a in ARCHS if not a.startswith(EXPORTED))
+        raise DFQFError(f"unknown architecture {name!r}; supported: {known}")
     return ARCHS[name]
 
 
