@@ -18,7 +18,7 @@ from tvm import relax
 
 from core.errors import DFQFError
 
-from .schedules import X86_AVX2, X86_VNNI, ScheduleSet
+from .schedules import X86_AMX, X86_AVX2, X86_VNNI, ScheduleSet
 
 DEFAULT_CUDA_ARCH = "sm_80"
 # The host side of a GPU build only launches kernels; keep it generic so it runs on any x86-64 host.
@@ -145,7 +145,7 @@ class TargetSpec:
 
 TARGETS: dict[str, TargetSpec] = {
     "llvm": TargetSpec(_llvm_target, "cpu", lambda: _legalize() + _cpu_schedules() + _vm_lowering(), ("mcpu", "mattr"),
-                       schedules=(X86_VNNI, X86_AVX2)),  # else: default loops
+                       schedules=(X86_AMX, X86_VNNI, X86_AVX2)),  # else: default loops
     "cuda": TargetSpec(_cuda_target, "cuda", lambda: _legalize() + _gpu_schedules() + _vm_lowering(True),
                        ("arch", "host")),
 }

@@ -44,14 +44,14 @@ KEEP_DEFAULT_WITHIN = 1.02  # a tile must beat the default by more than 2% (timi
 
 
 def kernel_requests(g: IntGraph, schedules: ScheduleSet | None) -> dict[str, KernelRequest]:
-    """Kernel key -> request of every hand-scheduled kernel of `g` under schedule set `schedules` (builds the
-    Relax module once, compiles nothing); empty when `schedules` is None."""
+    """Kernel key -> request of every hand-scheduled kernel of `g` with a tunable register tile under schedule set
+    `schedules` (builds the Relax module once, compiles nothing); empty when `schedules` is None."""
     from .tvm_build import build_relax
 
     kernels: dict[str, KernelRequest] = {}
     if schedules is not None:
         build_relax(g, schedules, kernels=kernels)
-    return kernels
+    return {key: r for key, r in kernels.items() if r.family.tunable}
 
 
 def default_tile(r: KernelRequest) -> tuple[int, int]:

@@ -15,7 +15,8 @@ import tvm
 from tvm import relax
 
 from core.errors import DFQFError, first_line
-from lower.targets import TARGETS, target_spec
+from core.isa import amx_granted
+from lower.targets import TARGETS, host_features, target_spec
 
 
 class PreparedParams(list):
@@ -47,6 +48,8 @@ class IntegerExecutable:
     one thread."""
 
     def __init__(self, module: tvm.runtime.Module, device: tvm.runtime.Device) -> None:
+        if "amx-tile" in host_features():
+            amx_granted()  # before any AMX kernel runs (`core.isa`); `runtime.model` fails clearly if refused
         self.device = device
         self.vm = relax.VirtualMachine(module, device)
         self.main = self.vm["main"]

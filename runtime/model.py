@@ -65,6 +65,7 @@ class IntegerModel:
 def check_host_features(path: Path, manifest: dict[str, Any]) -> None:
     """The module's instruction set extensions (manifest "isa_features") are all on this host: never run a
     module that would stop the process with an illegal instruction."""
+    from core.isa import request_amx
     from lower.targets import host_features
 
     needed = manifest.get("isa_features", [])
@@ -75,6 +76,8 @@ def check_host_features(path: Path, manifest: dict[str, Any]) -> None:
         raise DFQFError(f"{path} was compiled for a CPU with {', '.join(missing)}, which this host lacks (it would "
                         "crash with an illegal instruction): compile it here, or with lower.compile --mcpu/--mattr "
                         "for this CPU")
+    if manifest.get("schedules") == "x86_amx":
+        request_amx()
 
 
 def parallel_min_batch(graph: IntGraph) -> int:

@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from ..graph import Node, TensorInfo
-from . import x86_avx2, x86_conv, x86_depthwise, x86_vnni
+from . import x86_amx, x86_avx2, x86_conv, x86_depthwise, x86_vnni
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -61,6 +61,9 @@ class ScheduleSet:
         return None
 
 
+# AMX for the convs it takes (`x86_amx.runs_on_amx`), VNNI for the rest (the 3-channel first conv, dilation)
+X86_AMX = ScheduleSet("x86_amx", x86_amx.AMX_FEATURES,
+                      (x86_amx.FAMILY, x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)))
 X86_VNNI = ScheduleSet("x86_vnni", x86_vnni.VNNI_FEATURES, (x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)))
 X86_AVX2 = ScheduleSet("x86_avx2", x86_avx2.AVX2_FEATURES, (x86_avx2.FAMILY, x86_depthwise.depthwise_family(8)))
-SCHEDULE_SETS: dict[str, ScheduleSet] = {s.name: s for s in (X86_VNNI, X86_AVX2)}
+SCHEDULE_SETS: dict[str, ScheduleSet] = {s.name: s for s in (X86_AMX, X86_VNNI, X86_AVX2)}

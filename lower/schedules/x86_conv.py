@@ -117,14 +117,21 @@ def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, l
     res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
 
     def requantize(n, y, z, ch):
-        acc = conv[n, y, z, ch // lanes, ch % lanes]
-        total = acc.astype("int64") * mult[0, ch].astype("int64") + offset[ch]
-        for i, rt in enumerate(res):
-            total = total + rt[n, y, z, ch].astype("int64") * mult[1 + i, ch].astype("int64")
-        q = (total >> shift[ch]) + tirx.const(e.output_zero_point, "int64")
-        return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
+        return requantize_value(conv[n, y, z, ch // lanes, ch % lanes], ch, [rt[n, y, z, ch] for rt in res],
+                                mult, offset, shift, e)
 
     return te.compute((batch, oh, ow, c), requantize, name="requantize"), [mult, offset, shift, *res]
+
+
+def requantize_value(acc: tirx.PrimExpr, ch: tirx.PrimExpr, residuals: list[tirx.PrimExpr], mult, offset, shift,
+                     e: Epilogue) -> tirx.PrimExpr:
+    """The epilogue's output at channel `ch` for the kernel's int32 dot product `acc` and the residual values
+    (module docstring): clamp(((acc * M_0 + sum_i t_i * M_i + offset') >> shift) + zp_out), in `e.dtype`."""
+    total = acc.astype("int64") * mult[0, ch].astype("int64") + offset[ch]
+    for i, t in enumerate(residuals):
+        total = total + t.astype("int64") * mult[1 + i, ch].astype("int64")
+    q = (total >> shift[ch]) + tirx.const(e.output_zero_point, "int64")
+    return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
 
 def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str, dtype: str,
@@ -254,13 +261,14 @@ class Family:
     """A kernel family: `prepare(b, node, x)` -> its `KernelInputs`, or None when the kernel cannot run `node`
     exactly; `kernel(batch, shape, epilogue=, tile=)` -> the scheduled PrimFunc; `lanes` output channels per
     block; `suffix` names the kernels (e.g. "conv2d_vnni"); `max_acc` vector accumulators a register tile may
-    hold."""
+    hold; `tunable`: whether `lower.tune` searches its register tile (the AMX kernel's tile blocking is fixed)."""
 
     prepare: Callable[..., KernelInputs | None]  # (b, node, x, in_info=None)
     kernel: KernelBuilder
     lanes: int
     suffix: str
     max_acc: int
+    tunable: bool = True
 
 
 @dataclass
@@ -354,7 +362,7 @@ def _kernel(b: "GraphBuilder", f: Family, node: Node, k: KernelInputs, epilogue:
     if b.kernels is not None:
         request = b.kernels.setdefault(request.key, request)
         request.nodes.append(node.name)
-    tile = b.tiles.get(request.key)
+    tile = b.tiles.get(request.key) if f.tunable else None
     tile = None if tile is None else check_tile(f, *request.tile_extents, tile)
     return f.kernel(b.batch, k.shape, epilogue=epilogue, tile=tile)
 
