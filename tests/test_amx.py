@@ -42,6 +42,7 @@ def test_k_chunks_tile_the_reduction_exactly():
     assert not x86_amx.runs_on_amx(stem)  # 12 bytes per tile: the VNNI kernel takes it
     assert not x86_amx.runs_on_amx(ConvShape((9, 9), (2, 2), 64, "uint8", 1, (3, 3), (1, 1), (2, 2)))
     assert x86_amx.runs_on_amx(ConvShape((8, 8), (1, 1), 16, "uint8", 1, (3, 3), (1, 1), (1, 1)))
+    assert not x86_amx.runs_on_amx(ConvShape((1, 1), (0, 0), 1280, "uint8", 63, (1, 1), (1, 1), (1, 1)))  # dense
 
 
 def test_tile_configuration_matches_the_blocking():

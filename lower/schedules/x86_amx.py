@@ -40,6 +40,7 @@ TILE_ROWS = 16
 TILE_BYTES = 64
 IMAGES_PER_TASK = 4
 MIN_K = 16  # below this many bytes per tile (the 3-channel first conv) the VNNI kernel is faster
+MIN_ROWS = 4
 
 
 def k_chunk(k: int) -> int:
@@ -48,9 +49,16 @@ def k_chunk(k: int) -> int:
     return max(d for d in range(4, min(k, TILE_BYTES) + 1, 4) if k % d == 0)
 
 
+def _pixels(shape: ConvShape) -> int:
+    """Output pixels per sequence of A rows: the flat padded image (stride 1) or one output row."""
+    (oh, ow), wp = shape.output_hw, shape.in_hw[1] + 2 * shape.padding[1]
+    return (oh - 1) * wp + ow if shape.stride == (1, 1) else ow
+
+
 def runs_on_amx(shape: ConvShape) -> bool:
-    """Whether the AMX kernel takes this conv: dilation 1 and at least `MIN_K` bytes per tile."""
-    return shape.dilation == (1, 1) and k_chunk(shape.kernel[1] * shape.cin) >= MIN_K
+    """Whether the AMX kernel takes this conv: dilation 1, at least `MIN_K` bytes per tile and `MIN_ROWS` pixels
+    per sequence (the dense layer, a 1x1 conv on a 1x1 image, would use one row of each tile)."""
+    return shape.dilation == (1, 1) and k_chunk(shape.kernel[1] * shape.cin) >= MIN_K and _pixels(shape) >= MIN_ROWS
 
 
 def _blocking(out_blocks: int, pixels: int) -> tuple[int, int, int]:
@@ -92,7 +100,7 @@ def conv2d_nhwc_amx(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
     kc = k_chunk(kw * c)
     nk = kw * c // kc
     flat = (sh, sw) == (1, 1)
-    pixels = (oh - 1) * wp + ow if flat else ow  # per sequence: the whole image (flat) or one output row
+    pixels = _pixels(shape)
     sequences = 1 if flat else oh
     m, ma, nb = _blocking(shape.out_blocks, pixels)
     if tile is not None:
