@@ -82,7 +82,10 @@ def _reference(x: np.ndarray, zp_u: int, w: np.ndarray, shape: ConvShape) -> np.
     ((9, 5), (0, 0), 32, "int8", 2, (1, 1), (2, 2)),  # 3-pixel rows: 3-row tiles
     ((5, 5), (2, 1), 20, "uint8", 1, (3, 5), (1, 2)),  # 5 x 5 window of 100-byte runs (20-byte chunks)
 ])
-def test_amx_kernel_matches_reference(in_hw, padding, cin, dtype, blocks, kernel, stride):
+@pytest.mark.parametrize("weights_outer", [False, True])
+def test_amx_kernel_matches_reference(in_hw, padding, cin, dtype, blocks, kernel, stride, weights_outer, monkeypatch):
+    """Both loop orders: images outermost, or (weights beyond WEIGHTS_OUTER_BYTES) channel blocks outermost."""
+    monkeypatch.setattr(x86_amx, "WEIGHTS_OUTER_BYTES", 0 if weights_outer else 1 << 30)
     rng = np.random.default_rng(sum(in_hw) + cin)
     shape = ConvShape(in_hw, padding, cin, dtype, blocks, kernel, stride, (1, 1))
     func = x86_amx.conv2d_nhwc_amx(tvm.tirx.Var("n", "int64"), shape)

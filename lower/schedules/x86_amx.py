@@ -21,7 +21,14 @@ plain int32 store) writes the valid pixels, vectorized over the channels.
 
 Per parallel task (up to `IMAGES_PER_TASK` images; the tile configuration is per thread and `ldtilecfg` costs
 about a thousand cycles): load the tile configuration, form each image's padded uint8 input in a scratch buffer
-(only where the conv pads or converts), run the tiles, release the tiles. Linux must have granted the process
+(only where the conv pads or converts), run the tile groups, release the tiles. The loop order follows the
+weights: up to `WEIGHTS_OUTER_BYTES` they stay in L2 and the images are outermost (each padded just before
+its tiles); beyond it (ResNet18's 512-channel 3x3 convs: 2.4 MB) the channel blocks are outermost, so each
+block's weights are read once per task for all its images (7x7x512 at batch 16: 570 -> 910 GMAC/s).
+
+The epilogue is what limits the small convs: on ResNet20's shapes the kernel without it runs 2.5-3.5x faster
+(the int64 requantize costs ~1 cycle per output against K / 1024 cycles of tile products). Issuing the next
+group's products before the previous group's epilogue (software pipelining) measured no gain. Linux must have granted the process
 the AMX state first (`core.isa.request_amx`; the runtime asks before it runs an AMX module).
 """
 from __future__ import annotations
@@ -41,6 +48,7 @@ TILE_BYTES = 64
 IMAGES_PER_TASK = 4
 MIN_K = 16  # below this many bytes per tile (the 3-channel first conv) the VNNI kernel is faster
 MIN_ROWS = 4
+WEIGHTS_OUTER_BYTES = 1 << 20  # a conv's weights beyond this loop outside its images (`conv2d_nhwc_amx`)
 
 
 def k_chunk(k: int) -> int:
@@ -108,6 +116,8 @@ def conv2d_nhwc_amx(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
     a0, b0 = ma * nb, ma * nb + ma  # first A and B tile registers
     per_seq = ma * m
     n_tiles = -(-pixels // per_seq)
+    n_ob = shape.out_blocks // nb
+    weights_outer = shape.out_blocks * LANES * kh * kw * c > WEIGHTS_OUTER_BYTES
     scratch = (ph, pw) != (0, 0) or shape.in_dtype != "uint8"
     cfg_bytes = _config(m, ma, nb, kc)
 
@@ -133,56 +143,71 @@ def conv2d_nhwc_amx(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
                     T.buffer_store(cfg, tirx.const(v, "uint8"), [i])
                 _amx("ldtilecfg", T.address_of(cfg[0]))
                 acc = T.alloc_buffer((per_seq, nb * LANES), "int32", scope="local")
-                pad = T.alloc_buffer((hp * wp * c,), "uint8") if scratch else None
-                with T.serial(task * IMAGES_PER_TASK, T.min((task + 1) * IMAGES_PER_TASK, batch)) as n:
-                    if scratch:
-                        _fill_padded(pad, x, zp, n, shape)
-                        src, base = pad, 0
-                    else:
-                        src, base = xf, n * (h * w * c)
-                    with T.serial(0, sequences) as seq:
-                        with T.serial(0, n_tiles) as t:
-                            qs = T.min(t * per_seq, pixels - per_seq)
-                            with T.serial(0, shape.out_blocks // nb) as obo:
-                                for i in range(ma * nb):
-                                    _amx("tilezero", _tile(i))
-                                with T.serial(0, kh) as r:
-                                    with T.serial(0, nk) as kk:
-                                        row = base + (seq * sh + r) * (wp * c) + kk * kc
-                                        for i in range(ma):
-                                            _amx("tileloadd64", _tile(a0 + i),
-                                                 T.address_of(src[row + (qs + i * m) * (sw * c)]),
-                                                 tirx.const(sw * c, "int64"))
-                                        for j in range(nb):
-                                            off = ((obo * nb + j) * kh + r) * (kw * c * LANES) + kk * (kc * LANES)
-                                            _amx("tileloadd64", _tile(b0 + j), T.address_of(wf[off]),
-                                                 tirx.const(TILE_BYTES, "int64"))
-                                        for i in range(ma):
-                                            for j in range(nb):
-                                                _amx("tdpbusd", _tile(i * nb + j), _tile(a0 + i), _tile(b0 + j))
-                                for i in range(ma):
-                                    for j in range(nb):
-                                        _amx("tilestored64", _tile(i * nb + j), T.address_of(acc[i * m, j * LANES]),
-                                             tirx.const(nb * LANES * 4, "int64"))
-                                with T.serial(0, per_seq) as p:
-                                    q = qs + p
-                                    y, z = (q // wp, q % wp) if flat else (seq, q)
-                                    with T.If(z < ow):
-                                        with T.Then():
-                                            with T.vectorized(0, nb * LANES) as cc:
-                                                ch = obo * (nb * LANES) + cc
-                                                v = acc[p, cc]
-                                                if epilogue is not None:
-                                                    v = x86_conv.requantize_value(
-                                                        v, ch, [rt[n, y, z, ch] for rt in res], mult, offset, shift,
-                                                        epilogue)
-                                                T.buffer_store(out, v, [n, y, z, ch])
+                image = hp * wp * c  # bytes of one padded image
+                pad = T.alloc_buffer(((IMAGES_PER_TASK if weights_outer else 1) * image,), "uint8") if scratch else None
+                n0 = task * IMAGES_PER_TASK
+                count = T.min(IMAGES_PER_TASK, batch - n0)
+                if scratch and weights_outer:
+                    with T.serial(0, count) as li:
+                        _fill_padded(pad, x, zp, n0 + li, li * image, shape)
+                src = pad if scratch else xf
+
+                def tile_group(n, seq, t, obo):
+                    """The tile group of image n, sequence seq, pixel tile t, channel-block group obo."""
+                    qs = T.min(t * per_seq, pixels - per_seq)
+                    base = ((n - n0) * image if weights_outer else 0) if scratch else n * (h * w * c)
+                    for i in range(ma * nb):
+                        _amx("tilezero", _tile(i))
+                    with T.serial(0, kh) as r:
+                        with T.serial(0, nk) as kk:
+                            row = base + (seq * sh + r) * (wp * c) + kk * kc
+                            for i in range(ma):
+                                _amx("tileloadd64", _tile(a0 + i), T.address_of(src[row + (qs + i * m) * (sw * c)]),
+                                     tirx.const(sw * c, "int64"))
+                            for j in range(nb):
+                                off = ((obo * nb + j) * kh + r) * (kw * c * LANES) + kk * (kc * LANES)
+                                _amx("tileloadd64", _tile(b0 + j), T.address_of(wf[off]),
+                                     tirx.const(TILE_BYTES, "int64"))
+                            for i in range(ma):
+                                for j in range(nb):
+                                    _amx("tdpbusd", _tile(i * nb + j), _tile(a0 + i), _tile(b0 + j))
+                    for i in range(ma):
+                        for j in range(nb):
+                            _amx("tilestored64", _tile(i * nb + j), T.address_of(acc[i * m, j * LANES]),
+                                 tirx.const(nb * LANES * 4, "int64"))
+                    with T.serial(0, per_seq) as p:
+                        q = qs + p
+                        y, z = (q // wp, q % wp) if flat else (seq, q)
+                        with T.If(z < ow):
+                            with T.Then():
+                                with T.vectorized(0, nb * LANES) as cc:
+                                    ch = obo * (nb * LANES) + cc
+                                    v = acc[p, cc]
+                                    if epilogue is not None:
+                                        v = x86_conv.requantize_value(v, ch, [rt[n, y, z, ch] for rt in res], mult,
+                                                                      offset, shift, epilogue)
+                                    T.buffer_store(out, v, [n, y, z, ch])
+
+                # Weights of more than WEIGHTS_OUTER_BYTES (beyond L2): channel blocks outermost, each block's
+                # weights read once per task for all its images; else images outermost, each padded as its
+                # tiles start (so it is still in cache for them).
+                if weights_outer:
+                    with T.serial(0, n_ob) as obo, T.serial(0, count) as li:
+                        with T.serial(0, sequences) as seq, T.serial(0, n_tiles) as t:
+                            tile_group(n0 + li, seq, t, obo)
+                else:
+                    with T.serial(0, count) as li:
+                        if scratch:
+                            _fill_padded(pad, x, zp, n0 + li, 0, shape)
+                        with T.serial(0, sequences) as seq, T.serial(0, n_tiles) as t:
+                            with T.serial(0, n_ob) as obo:
+                                tile_group(n0 + li, seq, t, obo)
                 _amx("tilerelease")
     return ib.get()
 
 
-def _fill_padded(pad, x, zp, n, shape: ConvShape) -> None:
-    """pad[(i * Wp + j) * C + c] = u of x[n, i - ph, j - pw, c] inside the image, zp_u in the padding."""
+def _fill_padded(pad, x, zp, n, base, shape: ConvShape) -> None:
+    """pad[base + (i * Wp + j) * C + c] = u of x[n, i - ph, j - pw, c] inside the image, zp_u in the padding."""
     (h, w), (ph, pw), c = shape.in_hw, shape.padding, shape.cin
     hp, wp = h + 2 * ph, w + 2 * pw
     fill = zp[0].astype("uint8")
@@ -194,10 +219,10 @@ def _fill_padded(pad, x, zp, n, shape: ConvShape) -> None:
                         v = x[n, i - ph, j - pw, cc]
                         if shape.in_dtype != "uint8":  # the bit pattern with its sign bit flipped
                             v = (v.astype("int16") + tirx.const(128, "int16")).astype("uint8")
-                        T.buffer_store(pad, v, [(i * wp + j) * c + cc])
+                        T.buffer_store(pad, v, [base + (i * wp + j) * c + cc])
                 with T.Else():
                     with T.vectorized(0, c) as cc:
-                        T.buffer_store(pad, fill, [(i * wp + j) * c + cc])
+                        T.buffer_store(pad, fill, [base + (i * wp + j) * c + cc])
 
 
 def _prepare(b, node: Node, x, in_info: TensorInfo | None = None) -> KernelInputs | None:
