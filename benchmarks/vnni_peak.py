@@ -1,4 +1,5 @@
-"""This core's u8 x s8 dot-product peak (AVX-512 VNNI vpdpbusd), and the latency it allows ResNet20.
+"""This core's u8 x s8 dot-product peaks (AVX-512 VNNI vpdpbusd; AMX tdpbusd where the host has it), and the
+latency they allow ResNet20.
 
     python -m benchmarks.vnni_peak [--artifact A] [--batch 1,128] [--reps 200]
 
@@ -10,7 +11,7 @@ latency of a network is MACs x batch / peak: what a kernel doing nothing but vpd
 take (no loads, no requantization).
 
 The last stdout line is JSON: gmacs (peak, GMAC/s), gops (= 2 x gmacs), ghz, macs_per_cycle,
-macs_per_image and limit_ms per batch size.
+macs_per_image and limit_ms per batch size; on AMX hosts also amx_gmacs (and its median) and amx_limit_ms.
 """
 from __future__ import annotations
 
@@ -90,6 +91,70 @@ def measure_peak(reps: int = 200, iters: int = 250_000) -> dict[str, float]:
             "reps": reps}
 
 
+def _amx_loop():
+    """A TIR kernel (built with TVM, so no C compiler): `iters` rounds of four `tdpbusd` on resident 16 x 64-byte
+    tiles (2 A x 2 B -> 4 independent accumulators), the blocking of `lower.schedules.x86_amx`, then the
+    accumulators stored to `out` [4, 16, 16] int32."""
+    import tvm
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    from lower.schedules import x86_amx as X
+    from lower.targets import make_target
+
+    with IRBuilder() as ib:
+        with T.prim_func(s_tir=False):
+            T.func_name("amx_loop")
+            iters = T.arg("iters", T.int64())
+            a = T.arg("a", T.buffer((2, 16, 64), "uint8"))
+            b = T.arg("b", T.buffer((2, 16, 64), "int8"))
+            out = T.arg("out", T.buffer((4, 16, 16), "int32"))
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            for i, v in enumerate(X._config(16, 2, 2, 64)):
+                T.buffer_store(cfg, tvm.tirx.const(v, "uint8"), [i])
+            X._amx("ldtilecfg", T.address_of(cfg[0]))
+            stride = tvm.tirx.const(64, "int64")
+            for t in range(4):
+                X._amx("tilezero", X._tile(t))
+            for t in range(2):
+                X._amx("tileloadd64", X._tile(4 + t), T.address_of(a[t, 0, 0]), stride)
+                X._amx("tileloadd64", X._tile(6 + t), T.address_of(b[t, 0, 0]), stride)
+            with T.serial(0, iters):
+                for i in range(2):
+                    for j in range(2):
+                        X._amx("tdpbusd", X._tile(2 * i + j), X._tile(4 + i), X._tile(6 + j))
+            for t in range(4):
+                X._amx("tilestored64", X._tile(t), T.address_of(out[t, 0, 0]), stride)
+            X._amx("tilerelease")
+    module = tvm.compile(tvm.IRModule({"main": ib.get()}), target=make_target("llvm")).mod
+    return module["main"]
+
+
+def measure_amx_peak(reps: int = 200, iters: int = 20_000) -> dict[str, float] | None:
+    """Peak and median AMX u8 x s8 GMAC/s of one thread (`_amx_loop`, 16 x 16 x 64 MACs per tdpbusd), or None
+    where the host has no amx-int8 or Linux refuses the tile state."""
+    import tvm
+
+    from core.isa import amx_granted
+    from lower.targets import host_features
+
+    if "amx-int8" not in host_features() or not amx_granted():
+        return None
+    loop = _amx_loop()
+    a, b = tvm.runtime.tensor(np.ones((2, 16, 64), np.uint8)), tvm.runtime.tensor(np.ones((2, 16, 64), np.int8))
+    out = tvm.runtime.tensor(np.zeros((4, 16, 16), np.int32))
+    loop(iters // 10, a, b, out)
+
+    def run() -> int:
+        loop(iters, a, b, out)
+        return iters * 4 * 16 * 16 * 64
+
+    macs = _rates(run, reps)
+    if not (out.numpy() == 64 * iters).all():
+        raise DFQFError("the AMX peak loop computed wrong sums")
+    return {"amx_gmacs": round(float(macs.max()) / 1e9, 1), "amx_gmacs_median": round(float(np.median(macs)) / 1e9, 1)}
+
+
 def resnet_macs(arch: str = "resnet20") -> int:
     """MACs per image of a registered architecture's Conv2d and Linear layers (forward hooks)."""
     import torch
@@ -137,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vpdpbusd peak {peak['gmacs']} GMAC/s ({peak['gops']} GOP/s; median {peak['gmacs_median']}) at "
           f"~{peak['ghz']} GHz = {peak['macs_per_cycle']} MAC/cycle; {source}: {macs / 1e6:.2f} MMAC/image -> "
           + ", ".join(f"batch {b}: {ms} ms" for b, ms in limit.items()), file=sys.stderr)
-    print(json.dumps({**peak, "macs_per_image": macs, "macs_source": source, "limit_ms": limit}))
+    amx = measure_amx_peak(o.reps)
+    if amx is not None:
+        amx["amx_limit_ms"] = {str(b): round(macs * b / (amx["amx_gmacs"] * 1e9) * 1e3, 4) for b in o.batch}
+        print(f"tdpbusd peak {amx['amx_gmacs']} GMAC/s (median {amx['amx_gmacs_median']}) -> "
+              + ", ".join(f"batch {b}: {ms} ms" for b, ms in amx["amx_limit_ms"].items()), file=sys.stderr)
+    print(json.dumps({**peak, **(amx or {}), "macs_per_image": macs, "macs_source": source, "limit_ms": limit}))
     return 0
 
 

@@ -134,3 +134,12 @@ def test_amx_tiny_network_matches_reference(tiny_students):
     c, h, w = info.input_size
     x = np.random.default_rng(3).integers(0, 256, (9, h, w, c), dtype=np.uint8)
     np.testing.assert_array_equal(run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
+
+
+@requires_amx
+def test_amx_peak_loop_computes_its_sums():
+    """`benchmarks.vnni_peak`'s AMX loop: checks its own sums (1 x 1 over 64 bytes x iters) and reports a rate."""
+    from benchmarks.vnni_peak import measure_amx_peak
+
+    peak = measure_amx_peak(reps=3, iters=200)
+    assert peak is not None and peak["amx_gmacs"] >= peak["amx_gmacs_median"] > 0
