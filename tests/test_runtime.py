@@ -148,12 +148,12 @@ def test_profile_times_every_kernel_call_and_counts_vnni_macs(artifacts) -> None
     assert report["kernel_calls"] == len(calls) == sum(r["calls"] for r in report["table"])
     assert report["kernels_ms"] > 0 and all(r["ms"] > 0 for r in report["table"])
     # MACs: the x86 conv kernels compute every conv that `supports` admits and the dense layer (a 1x1 conv on a
-    # 1x1 image), on output channels padded to the kernel's lanes (16 VNNI, 8 AVX2) and input channels padded
-    # to 4; nothing else is counted
+    # 1x1 image), on output channels padded to the kernel's lanes (16 AMX and VNNI, 8 AVX2) and input channels
+    # padded to 4; nothing else is counted
     g = model.graph
     expected = 0
     chosen = select_schedules("llvm", make_target("llvm"))
-    lanes = {"x86_vnni": 16, "x86_avx2": 8}.get(chosen.name if chosen else None)
+    lanes = {"x86_amx": 16, "x86_vnni": 16, "x86_avx2": 8}.get(chosen.name if chosen else None)
     if lanes:
         for node in g.nodes:
             if node.op == "conv2d" and supports(node, g.tensors[node.inputs[0]].dtype):
