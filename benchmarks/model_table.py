@@ -1,5 +1,6 @@
 """Speed across models: the integer module (W8A8) against torch int8 and ONNX Runtime int8 on CIFAR ResNets and
-torchvision-class CNNs, one thread, with compile time, artifact size and the fraction of this core's VNNI peak.
+torchvision-class CNNs, one thread, with compile time, artifact size and the fraction of the peak of the unit the
+convs ran on (AMX or VNNI).
 
     python -m benchmarks.model_table [--models resnet20,resnet56,mobilenet_v2,resnet18,resnet50] [--batch 1,16]
                                      [--runs-dir runs/model_table] [--out benchmarks/results]
@@ -24,7 +25,7 @@ from core.files import write_json_atomic
 
 from .environment import environment
 from .speed_table import DEFAULT_DATA, run_module
-from .vnni_peak import measure_peak
+from .vnni_peak import measure_amx_peak, measure_peak
 
 CIFAR_TEACHERS = {"resnet20": "teachers/resnet20_cifar10_jpeg.pt", "resnet56": "teachers/resnet56_cifar10.pt"}
 MODELS = ("resnet20", "resnet56", "mobilenet_v2", "resnet18", "resnet50")
@@ -91,13 +92,26 @@ def measure(arch: str, o: ModelTableOptions, peak: float) -> dict[str, Any]:
             "results": [r for r in report["results"] if r["threads"] == 1]}
 
 
-def markdown(rows: list[dict[str, Any]], env: dict[str, Any], peak: float) -> str:
+def unit_fraction(row: dict[str, Any], result: dict[str, Any], peak: float, amx_peak: float | None) -> str:
+    """Our module's MAC rate as a percentage of the peak of the unit its convs ran on (AMX for the x86_amx set,
+    else VNNI), with the unit's name."""
+    on_amx = row.get("schedules") == "x86_amx" and amx_peak
+    unit = amx_peak if on_amx else peak
+    if not result.get("ms"):
+        return "–"
+    rate = row["macs_per_image"] * result["batch"] / (result["ms"] * 1e-3) / 1e9
+    return f"{100 * rate / unit:.1f} ({'AMX' if on_amx else 'VNNI'})"
+
+
+def markdown(rows: list[dict[str, Any]], env: dict[str, Any], peak: float, amx_peak: float | None = None) -> str:
+    amx = f" and AMX tdpbusd peak {amx_peak} GMAC/s" if amx_peak else ""
     lines = ["# Speed across models (W8A8, one thread)", "",
              f"{env['date']}, `{env['command']}`, {env['cpu']} ({env['cores']} cores), torch {env['torch']}; "
-             f"this core's VNNI peak {peak} GMAC/s (`benchmarks.vnni_peak`). Medians of interleaved rounds within "
-             "one `benchmarks.bench` run per model; ratios are the best int8 peer's time over ours.", "",
+             f"this core's VNNI peak {peak} GMAC/s{amx} (`benchmarks.vnni_peak`). Medians of interleaved rounds "
+             "within one `benchmarks.bench` run per model; ratios are the best int8 peer's time over ours; the "
+             "peak fraction is of the unit our convs ran on (the schedule set of the module).", "",
              "| model (weights) | batch | torch int8 ms | ORT int8 ms | TVM int8 ms (ours) | vs best peer | "
-             "% of VNNI peak | compile s | artifact MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "% of unit peak | compile s | artifact MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         by = {(r["engine"], r["batch"]): r for r in row["results"]}
         for b in sorted({r["batch"] for r in row["results"]}):
@@ -105,10 +119,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], peak: float) -> st
             ms = {e: c.get("ms") if c.get("status") == "ok" else None for e, c in cell.items()}
             peers = [v for e, v in ms.items() if e != "tvm_int8" and v]
             ratio = f"{min(peers) / ms['tvm_int8']:.2f}×" if peers and ms["tvm_int8"] else "–"
-            frac = cell["tvm_int8"].get("vnni_peak_fraction")
             fmt = {e: f"{v:.3f}" if v else cell[e].get("status", "–") for e, v in ms.items()}
             lines.append(f"| {row['arch']} ({row['weights']}) | {b} | {fmt['torch_int8']} | {fmt['ort_int8']} | "
-                         f"**{fmt['tvm_int8']}** | {ratio} | {f'{100 * frac:.1f}' if frac else '–'} | "
+                         f"**{fmt['tvm_int8']}** | {ratio} | {unit_fraction(row, cell['tvm_int8'], peak, amx_peak)} | "
                          f"{row['compile_seconds']} | {row['artifact_bytes'] / 1e6:.2f} |")
     reasons = {f"{row['arch']} {r['engine']}": r.get("reason") for row in rows for r in row["results"]
                if r.get("status") != "ok"}
@@ -149,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     o = parse_options(ModelTableOptions, argv, "python -m benchmarks.model_table", __doc__.splitlines()[0])
     env = environment("benchmarks.model_table", argv)
     peak = measure_peak()["gmacs"]
+    amx_peak = (measure_amx_peak() or {}).get("amx_gmacs")
     rows = []
     for arch in o.models:
         rows.append(measure(arch, o, peak))
         o.out.mkdir(parents=True, exist_ok=True)  # after every model: partial progress is kept
-        write_json_atomic({"environment": env, "vnni_peak_gmacs": peak, "rows": rows}, o.out / "model_table.json")
-        (o.out / "model_table.md").write_text(markdown(rows, env, peak))
+        write_json_atomic({"environment": env, "vnni_peak_gmacs": peak, "amx_peak_gmacs": amx_peak, "rows": rows},
+                          o.out / "model_table.json")
+        (o.out / "model_table.md").write_text(markdown(rows, env, peak, amx_peak))
     chart(rows, o.out / "model_table.png")
     print((o.out / "model_table.md").read_text())
     return 0
