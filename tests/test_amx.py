@@ -9,16 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from test_schedules import CONV_CASES, _conv_pair, _fusion_graph, _run_kernel
+from test_schedules import CONV_CASES, _conv_pair, _fusion_graph, _run_kernel, assert_tiny_network_exact
 
 from core import isa
 from core.errors import DFQFError
 from lower import tvm_build as tb
-from lower.reference import run_graph
 from lower.schedules import SCHEDULE_SETS, x86_amx
 from lower.schedules.x86_conv import ConvShape
 from lower.targets import host_features, make_target, select_schedules
-from runtime.executable import run_executable
 from toolkit import assert_exact
 
 AMX = SCHEDULE_SETS["x86_amx"]
@@ -125,15 +123,7 @@ def test_amx_conv_requantize_fused(dtype, per_channel):
 
 @requires_amx
 def test_amx_tiny_network_matches_reference(tiny_students):
-    from lower.integerize import integerize
-
-    student, info = tiny_students(8, 8)
-    g = integerize(student, info.mean, info.std, info.input_size)
-    assert any(gv.name_hint.endswith("_conv2d_amx") for gv, _ in tb.build_relax(g, AMX).functions_items())
-    ex = tb.compile_graph(g, "llvm", mcpu=AMX_CPU)
-    c, h, w = info.input_size
-    x = np.random.default_rng(3).integers(0, 256, (9, h, w, c), dtype=np.uint8)
-    np.testing.assert_array_equal(run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
+    assert_tiny_network_exact(tiny_students, AMX, AMX_CPU, batch=x86_amx.IMAGES_PER_TASK + 5)
 
 
 @requires_amx

@@ -180,17 +180,24 @@ def test_avx2_conv_requantize_fused(dtype, per_channel):
     _assert_exact_avx2(g)
 
 
-@requires_avx2
-def test_avx2_tiny_network_matches_reference(tiny_students):
+def assert_tiny_network_exact(tiny_students, schedules, mcpu: str, batch: int = 3) -> None:
+    """The calibrated tiny W8A8 student, compiled with schedule set `schedules` for `mcpu`: it uses the set's
+    conv kernels and equals the reference bit for bit at `batch`."""
     from lower.integerize import integerize
 
     student, info = tiny_students(8, 8)
     g = integerize(student, info.mean, info.std, info.input_size)
-    assert any(gv.name_hint.endswith("_conv2d_avx2") for gv, _ in tb.build_relax(g, AVX2).functions_items())
-    ex = tb.compile_graph(g, "llvm", schedules="x86_avx2", mcpu=AVX2_CPU)
+    suffix = "_" + schedules.conv2d[0].suffix
+    assert any(gv.name_hint.endswith(suffix) for gv, _ in tb.build_relax(g, schedules).functions_items())
+    ex = tb.compile_graph(g, "llvm", schedules=schedules.name, mcpu=mcpu)
     c, h, w = info.input_size
-    x = np.random.default_rng(3).integers(0, 256, (3, h, w, c), dtype=np.uint8)
+    x = np.random.default_rng(3).integers(0, 256, (batch, h, w, c), dtype=np.uint8)
     np.testing.assert_array_equal(run_executable(ex, x, tb.pack_params(g)), run_graph(g, x))
+
+
+@requires_avx2
+def test_avx2_tiny_network_matches_reference(tiny_students):
+    assert_tiny_network_exact(tiny_students, AVX2, AVX2_CPU)
 
 
 def test_avx2_register_tile_fits_the_accumulators():
