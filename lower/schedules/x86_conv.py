@@ -117,20 +117,21 @@ def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, l
     res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
 
     def requantize(n, y, z, ch):
-        return requantize_value(conv[n, y, z, ch // lanes, ch % lanes], ch, [rt[n, y, z, ch] for rt in res],
-                                mult, offset, shift, e)
+        return requantize_value(conv[n, y, z, ch // lanes, ch % lanes], [mult[i, ch] for i in range(1 + len(res))],
+                                [rt[n, y, z, ch] for rt in res], offset[ch], shift[ch], e)
 
     return te.compute((batch, oh, ow, c), requantize, name="requantize"), [mult, offset, shift, *res]
 
 
-def requantize_value(acc: tirx.PrimExpr, ch: tirx.PrimExpr, residuals: list[tirx.PrimExpr], mult, offset, shift,
-                     e: Epilogue) -> tirx.PrimExpr:
-    """The epilogue's output at channel `ch` for the kernel's int32 dot product `acc` and the residual values
-    (module docstring): clamp(((acc * M_0 + sum_i t_i * M_i + offset') >> shift) + zp_out), in `e.dtype`."""
-    total = acc.astype("int64") * mult[0, ch].astype("int64") + offset[ch]
-    for i, t in enumerate(residuals):
-        total = total + t.astype("int64") * mult[1 + i, ch].astype("int64")
-    q = (total >> shift[ch]) + tirx.const(e.output_zero_point, "int64")
+def requantize_value(acc: tirx.PrimExpr, mults: list[tirx.PrimExpr], residuals: list[tirx.PrimExpr],
+                     offset: tirx.PrimExpr, shift: tirx.PrimExpr, e: Epilogue) -> tirx.PrimExpr:
+    """The epilogue's output for the kernel's int32 dot product `acc`, the residual values and one channel's
+    constants: int32 multipliers (the conv term's first), int64 offset' and shift (module docstring):
+    clamp(((acc * M_0 + sum_i t_i * M_i + offset') >> shift) + zp_out), in `e.dtype`."""
+    total = acc.astype("int64") * mults[0].astype("int64") + offset
+    for t, m in zip(residuals, mults[1:]):
+        total = total + t.astype("int64") * m.astype("int64")
+    q = (total >> shift) + tirx.const(e.output_zero_point, "int64")
     return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
 
