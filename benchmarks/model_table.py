@@ -96,11 +96,9 @@ def unit_fraction(row: dict[str, Any], result: dict[str, Any], peak: float, amx_
     """Our module's MAC rate as a percentage of the peak of the unit its convs ran on (AMX for the x86_amx set,
     else VNNI), with the unit's name."""
     on_amx = row.get("schedules") == "x86_amx" and amx_peak
-    unit = amx_peak if on_amx else peak
-    if not result.get("ms"):
+    if not result.get("gops"):
         return "–"
-    rate = row["macs_per_image"] * result["batch"] / (result["ms"] * 1e-3) / 1e9
-    return f"{100 * rate / unit:.1f} ({'AMX' if on_amx else 'VNNI'})"
+    return f"{100 * result['gops'] / 2 / (amx_peak if on_amx else peak):.1f} ({'AMX' if on_amx else 'VNNI'})"
 
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], peak: float, amx_peak: float | None = None) -> str:

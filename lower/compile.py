@@ -72,7 +72,8 @@ class CompileOptions:
                            "lower.ort_graph): the fast ONNX export then agrees with it, TVM runs the same graph",
                            switch=True)
     schedules: str = option("auto", "hand-written kernels: auto (the best set this target's CPU features allow), "
-                            "none (TVM's default loops), or a set of lower.targets.TARGETS, e.g. x86_amx, x86_vnni or x86_avx2")
+                            "none (TVM's default loops), or a set of lower.targets.TARGETS, e.g. x86_amx, x86_vnni "
+                            "or x86_avx2")
     tune: float | None = option(None, "time a few register tiles of each hand-scheduled conv kernel on this machine "
                                 "for at most SECONDS and keep the fastest (saved as tuning.json in the artifact)",
                                 check=positive, metavar="SECONDS")

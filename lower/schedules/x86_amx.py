@@ -28,10 +28,11 @@ weights: up to `WEIGHTS_OUTER_BYTES` they stay in L2 and the images are outermos
 its tiles); beyond it (ResNet18's 512-channel 3x3 convs: 2.4 MB) the channel blocks are outermost, so each
 block's weights are read once per task for all its images (7x7x512 at batch 16: 570 -> 910 GMAC/s).
 
-The epilogue is what limits the small convs: on ResNet20's shapes the kernel without it runs 2.5-3.5x faster
-(the int64 requantize costs ~1 cycle per output against K / 1024 cycles of tile products). Issuing the next
-group's products before the previous group's epilogue (software pipelining) measured no gain. Linux must have granted the process
-the AMX state first (`core.isa.request_amx`; the runtime asks before it runs an AMX module).
+The epilogue is what limits the small convs: on ResNet20's shapes the kernel without it ran 2.5-3.5x faster
+(measured before `_write_tile_group` kept the constants in registers: the int64 requantize then cost ~1 cycle
+per output against K / 1024 cycles of tile products). Issuing the next group's products before the previous
+group's epilogue (software pipelining) measured no gain. Linux must have granted the process the AMX state
+first (`core.isa.request_amx`; the runtime asks before it runs an AMX module).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ TILE_ROWS = 16
 TILE_BYTES = 64
 IMAGES_PER_TASK = 4
 MIN_K = 16  # below this many bytes per tile (the 3-channel first conv) the VNNI kernel is faster
-MIN_ROWS = 4
+MIN_ROWS = 4  # fewer output pixels per sequence (the dense layer: 1) leave most tile rows idle: VNNI instead
 WEIGHTS_OUTER_BYTES = 1 << 20  # a conv's weights beyond this loop outside its images (`conv2d_nhwc_amx`)
 
 
@@ -100,8 +101,10 @@ def _tile(t: int):
 
 def conv2d_nhwc_amx(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None = None,
                     tile: tuple[int, int] | None = None) -> tirx.PrimFunc:
-    """The kernel, with `x86_vnni.conv2d_nhwc_u8s8`'s arguments and outputs. `tile` (ma, nb) overrides the
-    register blocking."""
+    """The kernel, with `x86_vnni.conv2d_nhwc_u8s8`'s arguments and outputs. The tile blocking is fixed
+    (`_blocking`; the family is not tunable), so `tile`, part of the family interface, must be None."""
+    if tile is not None:
+        raise ValueError(f"the AMX kernel's tile blocking is fixed; got tile {tile}")
     (kh, kw), (sh, sw) = shape.kernel, shape.stride
     (h, w), (ph, pw), c = shape.in_hw, shape.padding, shape.cin
     hp, wp = h + 2 * ph, w + 2 * pw
@@ -113,8 +116,6 @@ def conv2d_nhwc_amx(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
     pixels = _pixels(shape)
     sequences = 1 if flat else oh
     m, ma, nb = _blocking(shape.out_blocks, pixels)
-    if tile is not None:
-        ma, nb = tile
     a0, b0 = ma * nb, ma * nb + ma  # first A and B tile registers
     per_seq = ma * m
     n_tiles = -(-pixels // per_seq)
