@@ -15,6 +15,7 @@ from torch import nn
 from core.errors import DFQFError
 from core.paths import resolve_data_dir
 from core.pixels import normalize
+from toolkit import main_in_process, one_error_line
 from train.data import image_batches, load_split, subset
 from train.evaluate import evaluate_top1, main
 
@@ -192,11 +193,12 @@ def test_cli_bad_arch_exits_2() -> None:
     assert "nope" in line and "resnet20" in line
 
 
-def test_cli_missing_data_dir_exits_2(tmp_path: Path) -> None:
-    line = _assert_one_error_line(_run_cli("--arch", "resnet20", "--data-dir", str(tmp_path / "absent")))
+def test_cli_missing_data_dir_exits_2(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
+    line = one_error_line(*main_in_process("train.evaluate", ["--arch", "resnet20", "--data-dir", tmp_path / "absent"],
+                                           capsys))
     assert "absent" in line
-    line = _assert_one_error_line(_run_cli("--arch", "resnet20"))
-    assert "DFQF_DATA_DIR" in line
+    assert "DFQF_DATA_DIR" in one_error_line(*main_in_process("train.evaluate", ["--arch", "resnet20"], capsys))
 
 
 def test_cli_bad_flag_is_usage_error() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from toolkit import main_in_process, one_error_line
 from train.student import load_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,38 +125,49 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     (["--w-feat", "-1"], "w_feat"),
     (["--weights", "/nonexistent.pt"], "not found"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path, capsys,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
     if "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "run")]
-    r = run_dfqf(*TINY, *argv, timeout=60)
+    assert message in one_error_line(*main_in_process("train.dfqf", [*TINY, *argv], capsys))
+
+
+def test_bad_input_from_a_fresh_interpreter_is_one_line(tmp_path: Path) -> None:
+    """The same contract through `python -m` (exit status and stderr of a real process)."""
+    r = run_dfqf(*TINY, "--wbits", "9", "--out", str(tmp_path / "run"), timeout=60)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "2..8" in lines[0], r.stderr
 
 
-def test_resume_with_another_config_and_overwrite_are_refused(tmp_path: Path) -> None:
+def test_resume_with_another_config_and_overwrite_are_refused(tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
     out = tmp_path / "run"
-    assert run_dfqf(*TINY, "--out", str(out)).returncode == 0
-    again = run_dfqf(*TINY, "--out", str(out))
-    assert again.returncode == 2 and "already holds a run" in again.stderr
-    other = run_dfqf(*TINY, "--out", str(out), "--resume", "--wbits", "3")
-    assert other.returncode == 2 and "differs in wbits" in other.stderr
+
+    def dfqf(*args: str) -> tuple[int, str, str]:
+        return main_in_process("train.dfqf", [*TINY, "--out", out, *args], capsys)
+
+    assert dfqf()[0] == 0
+    assert "already holds a run" in one_error_line(*dfqf())
+    assert "differs in wbits" in one_error_line(*dfqf("--resume", "--wbits", "3"))
     # a run started before a field existed is compared at that field's default
     saved = json.loads((out / "config.json").read_text())
     del saved["g_augment"]
     (out / "config.json").write_text(json.dumps(saved))
-    older = run_dfqf(*TINY, "--out", str(out), "--resume")
-    assert older.returncode == 0, older.stderr[-2000:]
-    other = run_dfqf(*TINY, "--out", str(out), "--resume", "--g-augment", "true")
-    assert other.returncode == 2 and "differs in g_augment" in other.stderr
+    code, _, err = dfqf("--resume")
+    assert code == 0, err[-2000:]
+    assert "differs in g_augment" in one_error_line(*dfqf("--resume", "--g-augment", "true"))
 
 
-def test_config_file_is_overridden_by_flags(tmp_path: Path) -> None:
+def test_config_file_is_overridden_by_flags(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"wbits": 5, "abits": 5, "g_steps": 2}))
     out = tmp_path / "run"
-    r = run_dfqf(*TINY, "--config", str(cfg), "--abits", "6", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = main_in_process("train.dfqf", [*TINY, "--config", cfg, "--abits", "6", "--out", out], capsys)
+    assert code == 0, err[-2000:]
     resolved = json.loads((out / "config.json").read_text())
     assert (resolved["wbits"], resolved["abits"], resolved["g_steps"]) == (5, 6, 2)
 

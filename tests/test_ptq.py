@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from toolkit import main_in_process, one_error_line
 from train.baselines.dfq import bn_output_stats, correct_bias, cross_layer_equalize, equalization_pairs
 from train.baselines.gaussian_stats import Gaussian, relu_moments
 from train.baselines.zeroq import distill_images
@@ -153,15 +154,21 @@ def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     (["--method", "minmax", "--arch", "tinynet", "--out", "/proc/forbidden"], "cannot write"),
     (["--method", "minmax", "--arch", "tinynet", "--data-dir", "{out}/missing", "--out", "{out}"], "not found"),
 ])
-def test_ptq_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_cifar, tmp_path: Path) -> None:
+def test_ptq_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tiny_cifar, tmp_path: Path, capsys,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     _, r20 = tiny_cifar
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     subs = {"{out}": str(tmp_path / "out"), "{garbage}": str(garbage), "{r20}": str(r20)}
     argv = [a.replace(k, v) if isinstance(a, str) else a for a in argv for k, v in [next(
         ((k, v) for k, v in subs.items() if k in a), ("", ""))]]
-    r = _run_cli(*argv)
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
+    assert message in one_error_line(*main_in_process("train.ptq", argv, capsys))
+
+
+def test_ptq_bad_input_from_a_fresh_interpreter_is_one_line(tmp_path: Path) -> None:
+    """The same contract through `python -m` (exit status and stderr of a real process)."""
+    r = _run_cli("--method", "minmax", "--wbits", "9", "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert "Traceback" not in r.stderr and message in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "2..8" in lines[0], r.stderr

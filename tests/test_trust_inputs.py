@@ -226,6 +226,18 @@ def test_parity_refuses_another_student_and_an_unwritable_report(tiny_artifact, 
 
 
 # -- defect 13: resume of a damaged run folder ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_tiny_run(tmp_path_factory) -> Path:
+    """One finished tinynet smoke run (`--g-steps 2`); tests resume copies of it."""
+    from train.dfqf import main
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("DFQF_DATA_DIR", raising=False)
+        assert main([*TINY, "--g-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda out: (out / "config.json").write_text("{garbage"), "is not a run's config"),
     (lambda out: (out / "checkpoint.pt").write_bytes(b""), "cannot read checkpoint"),
@@ -233,14 +245,13 @@ def test_parity_refuses_another_student_and_an_unwritable_report(tiny_artifact, 
                              "teacher_logits": torch.zeros(3, 10)}, out / "synthetic.pt"),
      "not a synthetic set of this run"),
 ])
-def test_resume_of_a_damaged_run_is_one_error(damage, message, tmp_path, capsys, monkeypatch) -> None:
+def test_resume_of_a_damaged_run_is_one_error(damage, message, finished_tiny_run, tmp_path, capsys,
+                                              monkeypatch) -> None:
     from train.dfqf import main
 
     monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
-    out = tmp_path / "run"
+    out = shutil.copytree(finished_tiny_run, tmp_path / "run")
     args = [*TINY, "--g-steps", "2", "--out", str(out)]
-    assert main(args) == 0
-    capsys.readouterr()
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     ck["stage"], ck["step"] = "student", 0  # resume into fine-tuning: the synthetic set is read back
     torch.save(ck, out / "checkpoint.pt")
@@ -250,12 +261,12 @@ def test_resume_of_a_damaged_run_is_one_error(damage, message, tmp_path, capsys,
     assert code == 2 and err[-1].startswith("error:") and message in err[-1] and "Traceback" not in "".join(err)
 
 
-def test_resume_with_a_lower_learning_rate_keeps_the_original_config(tmp_path, monkeypatch) -> None:
+def test_resume_with_a_lower_learning_rate_keeps_the_original_config(finished_tiny_run, tmp_path,
+                                                                     monkeypatch) -> None:
     from train.dfqf import main
 
     monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
-    out = tmp_path / "run"
-    assert main([*TINY, "--g-steps", "2", "--out", str(out)]) == 0
+    out = shutil.copytree(finished_tiny_run, tmp_path / "run")
     original = (out / "config.json").read_text()
     assert main([*TINY, "--g-steps", "2", "--out", str(out), "--resume", "--s-lr", "5e-5"]) == 0
     assert (out / "config.json").read_text() == original
