@@ -93,3 +93,28 @@ def test_ptq_recon_method(tmp_path, capsys) -> None:
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["method"] == "recon" and report["data_free"] is True and len(report["recon_blocks"]) == 3
     assert (out / "student.pt").is_file()
+
+
+def test_dfqf_without_kd_saves_the_reconstructed_student(tmp_path, capsys, monkeypatch) -> None:
+    """`--s-epochs 0`: no distillation; the saved student is the calibrated one, reconstructed with
+    --recon-steps (every weight then on its grid: the hard rounding written back)."""
+    from train.dfqf import main
+    from train.student import load_student
+
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
+    tiny = ["--smoke", "--arch", "tinynet", "--progress", "false", "--s-epochs", "0"]
+    assert main([*tiny, "--out", str(tmp_path / "calibrated")]) == 0
+    assert main([*tiny, "--recon-steps", "5", "--out", str(tmp_path / "recon")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["student_steps"] == 0 and report["student_ema_decay"] is None
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "recon" / "metrics.jsonl").read_text().splitlines()]
+    assert "reconstructed" in stages and "student" not in stages
+
+    def off_grid(path) -> int:
+        student, _ = load_student(path)
+        convs = [m for m in student.modules() if isinstance(m, QuantConv2d)]
+        codes = [m.weight / m.weight_quantizer.scale.reshape(-1, 1, 1, 1) for m in convs]
+        return sum(int(((c - torch.round(c)).abs() > 1e-4).sum()) for c in codes)
+
+    assert off_grid(tmp_path / "calibrated" / "student.pt") > 0  # float weights: nothing rounded them
+    assert off_grid(tmp_path / "recon" / "student.pt") == 0

@@ -62,7 +62,8 @@ class DFQFConfig(QuantOptions):
                              "(DeepInversion jitter)")
     # stage 2: quantization-aware distillation of the student
     synth_images: int = option(6400, "synthetic images (longer option: 25600)", check=positive)
-    s_epochs: int = option(8, "KD epochs over the synthetic set (longer option: 20)", check=positive)
+    s_epochs: int = option(8, "KD epochs over the synthetic set (longer option: 20; 0: no KD, the calibrated "
+                           "student, reconstructed with --recon-steps, is the result)", check=non_negative)
     s_batch: int = option(128, "student batch", check=positive)
     s_lr: float = option(1e-4, "student weight learning rate (Adam, cosine)", check=positive)
     s_scale_lr: float = option(1e-4, "LSQ step-size learning rate", check=positive)

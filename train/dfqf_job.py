@@ -128,7 +128,7 @@ class Job:
         # after the EMA copy, so that only the trained student records features
         self.features = FeatureDistiller(self.teacher, self.student) if cfg.w_feat > 0 else None
         self.s_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.s_opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, self.s_total) / self.s_total)))
+            self.s_opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, self.s_total) / max(self.s_total, 1))))
         self.g_ddp = DDP(self.generator) if d.world > 1 else self.generator
         self.s_ddp = DDP(self.student) if d.world > 1 else self.student
         self.stage, self.step = "generator" if cfg.schedule == "two-stage" else "alternating", 0
