@@ -202,6 +202,8 @@ def _requantize(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
 
 
 def _sum_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    if b.schedules is not None:
+        return b.schedules.emit_pool(b, n, xs[0])
     (kh, kw), (sh, sw) = n.attrs["kernel"], n.attrs["stride"]
 
     def window_sum(x: te.Tensor) -> te.Tensor:  # NHWC
@@ -215,6 +217,8 @@ def _sum_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
 
 
 def _max_pool2d(b: GraphBuilder, n: Node, xs: list[relax.Expr]) -> relax.Expr:
+    if b.schedules is not None:
+        return b.schedules.emit_pool(b, n, xs[0])
     a = n.attrs
     return R.nn.max_pool2d(xs[0], pool_size=list(a["kernel"]), strides=list(a["stride"]),
                            padding=list(a["padding"]), layout="NHWC")
@@ -347,6 +351,24 @@ def compile_graph(g: IntGraph, target: str = "llvm", *, schedules: str = "auto",
     tvm_target = make_target(target, **opts)
     mod = build_relax(g, select_schedules(target, tvm_target, schedules), tiles)
     return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(target))
+
+
+def default_loop_kernels(g: IntGraph, target: str = "llvm", *, schedules: str = "auto", **opts: Any) -> list[str]:
+    """The kernels that `compile_graph(g, target, schedules=...)` would run on TVM's default loops: the PrimFuncs
+    that `main` calls after the target's Relax pipeline and that neither a schedule set nor the elementwise
+    rule scheduled (parameter-only work, run once at upload, is not counted)."""
+    tvm_target = make_target(target, **opts)
+    mod = build_relax(g, select_schedules(target, tvm_target, schedules))
+    with tvm_target:
+        mod = relax_pipeline(target)(mod)
+    called = {gv.name_hint for gv in relax.analysis.all_global_vars(mod["main"])}
+
+    def flag(f: tvm.tirx.PrimFunc, key: str) -> bool:
+        return bool(f.attrs is not None and int(f.attrs.get(key, 0)))
+
+    return sorted(gv.name_hint for gv, f in mod.functions.items()  # VMShapeLower's shape_func is host code
+                  if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in called
+                  and not flag(f, "tirx.is_scheduled") and not flag(f, "tirx.is_host_func"))
 
 
 def export_library(executable: relax.VMExecutable, path: str | os.PathLike) -> Path:

@@ -93,10 +93,12 @@ POOL = [("sum_pool2d", "int32"), ("astype", "int64"), ("subtract", "int64"), ("m
 def test_relax_build_before_expected_with_vnni_kernels() -> None:
     """Each conv and its requantize (the residual term too) is one hand-scheduled kernel; the input channels
     of the first conv are padded 3 -> 4; the dense layer is the conv kernel on a 1x1 image (its 5 outputs
-    padded to one 16-channel block, sliced back); the rest are plain Relax ops."""
+    padded to one 16-channel block, sliced back); the global sum pool is the pooling kernel; the rest are plain
+    Relax ops."""
     dense = [("permute_dims", "uint8"), ("reshape", "uint8"), ("reshape", "uint8"), ("fc_conv2d_vnni", "int32"),
              ("strided_slice", "int32"), ("add", "int32"), ("reshape", "int32")]
-    expected = [*LUT, ("nn.pad", "uint8"), ("c0_conv2d_vnni", "uint8"), ("c1_conv2d_vnni", "uint8"), *POOL, *dense]
+    expected = [*LUT, ("nn.pad", "uint8"), ("c0_conv2d_vnni", "uint8"), ("c1_conv2d_vnni", "uint8"),
+                ("p_pool", "int32"), *POOL[1:], *dense]
     assert _activation_path(tb.build_relax(_graph(), SCHEDULE_SETS["x86_vnni"])) == expected
 
 

@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from ..graph import Node, TensorInfo
-from . import x86_amx, x86_avx2, x86_conv, x86_depthwise, x86_vnni
+from . import x86_amx, x86_avx2, x86_conv, x86_depthwise, x86_pool, x86_vnni
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -24,12 +24,18 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ScheduleSet:
     """A set of hand-scheduled kernels for one instruction set: `name` (what `lower.compile --schedules` takes
-    and the manifest records), the LLVM CPU `features` it needs, and its conv2d kernel families, tried in
-    order (a family's `prepare` declines the convs it cannot run exactly)."""
+    and the manifest records), the LLVM CPU `features` it needs, its conv2d kernel families, tried in
+    order (a family's `prepare` declines the convs it cannot run exactly), and the vector width in bytes of
+    its pooling kernels (`x86_pool`)."""
 
     name: str
     features: tuple[str, ...]
     conv2d: tuple[x86_conv.Family, ...]
+    vector_bytes: int
+
+    def emit_pool(self, b: "GraphBuilder", node: Node, x: relax.Expr) -> relax.Expr:
+        """max_pool2d or sum_pool2d `node` as one scheduled kernel."""
+        return x86_pool.emit_pool(b, node, x, self.vector_bytes)
 
     def emit_conv2d(self, b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo | None = None
                     ) -> relax.Expr | None:
@@ -63,7 +69,9 @@ class ScheduleSet:
 
 # AMX for the convs it takes (`x86_amx.runs_on_amx`), VNNI for the rest (the 3-channel first conv, dilation)
 X86_AMX = ScheduleSet("x86_amx", x86_amx.AMX_FEATURES,
-                      (x86_amx.FAMILY, x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)))
-X86_VNNI = ScheduleSet("x86_vnni", x86_vnni.VNNI_FEATURES, (x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)))
-X86_AVX2 = ScheduleSet("x86_avx2", x86_avx2.AVX2_FEATURES, (x86_avx2.FAMILY, x86_depthwise.depthwise_family(8)))
+                      (x86_amx.FAMILY, x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)), 64)
+X86_VNNI = ScheduleSet("x86_vnni", x86_vnni.VNNI_FEATURES, (x86_vnni.FAMILY, x86_depthwise.depthwise_family(16)),
+                       64)
+X86_AVX2 = ScheduleSet("x86_avx2", x86_avx2.AVX2_FEATURES, (x86_avx2.FAMILY, x86_depthwise.depthwise_family(8)),
+                       32)
 SCHEDULE_SETS: dict[str, ScheduleSet] = {s.name: s for s in (X86_AMX, X86_VNNI, X86_AVX2)}
