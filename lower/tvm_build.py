@@ -348,17 +348,22 @@ def compile_graph(g: IntGraph, target: str = "llvm", *, schedules: str = "auto",
 
     schedules: "auto" (the set `lower.targets.select_schedules` picks from the target's CPU features),
     "none" (TVM's default loops), or a set's name; tiles: as `build_relax`'s."""
-    tvm_target = make_target(target, **opts)
-    mod = build_relax(g, select_schedules(target, tvm_target, schedules), tiles)
+    mod, tvm_target = _relax_for(g, target, schedules, tiles, opts)
     return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(target))
+
+
+def _relax_for(g: IntGraph, target: str, schedules: str, tiles: dict[str, tuple[int, int]] | None,
+               opts: dict[str, Any]) -> tuple[tvm.IRModule, tvm.target.Target]:
+    """The Relax module of `g` with the schedule set `schedules` resolves to on `target`, and the TVM target."""
+    tvm_target = make_target(target, **opts)
+    return build_relax(g, select_schedules(target, tvm_target, schedules), tiles), tvm_target
 
 
 def default_loop_kernels(g: IntGraph, target: str = "llvm", *, schedules: str = "auto", **opts: Any) -> list[str]:
     """The kernels that `compile_graph(g, target, schedules=...)` would run on TVM's default loops: the PrimFuncs
     that `main` calls after the target's Relax pipeline and that neither a schedule set nor the elementwise
     rule scheduled (parameter-only work, run once at upload, is not counted)."""
-    tvm_target = make_target(target, **opts)
-    mod = build_relax(g, select_schedules(target, tvm_target, schedules))
+    mod, tvm_target = _relax_for(g, target, schedules, None, opts)
     with tvm_target:
         mod = relax_pipeline(target)(mod)
     called = {gv.name_hint for gv in relax.analysis.all_global_vars(mod["main"])}

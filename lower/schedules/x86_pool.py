@@ -19,7 +19,7 @@ from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
 from ..graph import Node
-from .x86_conv import OPAQUE
+from .x86_conv import OPAQUE, out_hw
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -33,7 +33,8 @@ def out_dtype(op: str, dtype: str) -> str:
 
 def pooled_hw(hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
               ) -> tuple[int, int]:
-    return tuple((d + 2 * p - k) // s + 1 for d, k, s, p in zip(hw, kernel, stride, padding))
+    """The output size: the conv formula (`x86_conv.out_hw`) on the padded map."""
+    return out_hw(tuple(d + 2 * p for d, p in zip(hw, padding)), kernel, stride, (1, 1))
 
 
 def lanes_for(channels: int, dtype: str, vector_bytes: int) -> int:
@@ -81,10 +82,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
         cho, chi = sch.split(ch, [None, lanes])
         sch.reorder(z, cho, rh, rw, chi)  # the window outside the channel vector
         sch.vectorize(chi)  # while the block is still a reduction block (with its init)
-        init = sch.decompose_reduction(block, rh)
-        loop = sch.get_loops(init)[-1]
-        if sch.get(loop).kind != tirx.ForKind.VECTORIZED:
-            sch.vectorize(loop)
+        sch.decompose_reduction(block, rh)  # the init's copy of the channel loop stays vectorized
     else:
         sch.reorder(z, ch, rh, rw)
     return sch.mod["main"]
