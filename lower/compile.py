@@ -32,6 +32,9 @@ from .ort_graph import for_ort
 def student_graph(path: Path) -> tuple[IntGraph, dict[str, Any]]:
     """Integer graph of a student.pt, with the checkpoint's provenance in graph.meta."""
     student, ckpt = load_student(path)
+    if ckpt["quant_config"].get("protocol", "integer") != "integer":
+        raise DFQFError(f"{path} is a --protocol {ckpt['quant_config']['protocol']} student (BN unfolded, float "
+                        f"residual sums): fake-quant only, it has no integer graph; quantize with --protocol integer")
     inp = ckpt["input"]
     meta = {"arch": ckpt["arch"], "method": ckpt.get("method"), "data_free": ckpt.get("data_free"),
             "quant_config": ckpt["quant_config"], "mean": list(inp["mean"]), "std": list(inp["std"])}

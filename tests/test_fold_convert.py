@@ -321,4 +321,4 @@ def test_quant_config_accepts_range_ends() -> None:
     for b in (2, 8):
         cfg = QuantConfig(wbits=b, abits=b, first_last_bits=b, overrides={"x": b}, residual_bits=b)
         assert cfg.to_dict() == {"wbits": b, "abits": b, "first_last_bits": b, "overrides": {"x": b},
-                                 "residual_bits": b}
+                                 "residual_bits": b, "protocol": "integer"}

@@ -247,6 +247,7 @@ def write_outputs(job: Job) -> dict[str, Any]:
     report: dict[str, Any] = {
         "method": source.method, "data_free": source.data_free, "arch": job.arch, "wbits": c.wbits, "abits": c.abits,
         "first_last_bits": c.first_last_bits, "residual_bits": c.residual_bits, "bits_override": c.bits_override,
+        "protocol": c.protocol,
         "schedule": c.schedule, "wall_seconds": round(job.elapsed(), 1),
         "student_steps": job.s_total, "images_generated": job.images_generated, "world_size": job.d.world,
         "device": str(job.d.device), "threads": torch.get_num_threads(),

@@ -70,6 +70,9 @@ def minmax_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
 
 
 def dfq_method(ctx: PTQContext) -> tuple[fx.GraphModule, dict[str, Any]]:
+    if ctx.config.protocol == "paper":
+        raise DFQFError("--method dfq folds BN into the convs to equalize them: it has no --protocol paper "
+                        "(BN unfolded); use another method")
     student, info = dfq_student(ctx.teacher, ctx.config, ctx.info.mean, ctx.info.std)
     return student, {"calibration_images": 0, "calibration_data": "BN statistics", **info}
 

@@ -4,17 +4,19 @@ A plain dict (loads with torch.load(weights_only=True)):
   format        "dfqf.student", version 1
   arch          registry name; arch_kwargs {"num_classes": K}
   input         {"size": [C, H, W], "mean": [...], "std": [...]} — normalization the student expects
-  quant_config  QuantConfig as a dict (wbits, abits, first_last_bits, overrides)
+  quant_config  QuantConfig as a dict (wbits, abits, first_last_bits, overrides, residual_bits, protocol:
+                "integer", or "paper" for the fake-quant-only paper protocol, BN unfolded; absent: integer)
   quantizers    {name: {"kind": "weight"|"activation", "spec": QuantSpec dict,
                         "scale": float32 tensor, "zero_point": int32 tensor}}
                 weight quantizers are named after their conv/linear module, activation ones '<node>_aq'
-  state_dict    the fake-quant student's state_dict (BN folded: every conv/linear has a bias)
+  state_dict    the fake-quant student's state_dict (BN folded: every conv/linear has a bias; the paper
+                protocol keeps the BN layers and their running statistics)
   method        what produced it ("minmax", "dfq", "zeroq", "real-calib", "dfqf"); data_free: bool
   meta          free-form provenance (teacher file and sha256, versions, time)
   model         only for a user's exported model (arch "pt2:<sha256[:16]>"): {"format": "torch.export",
                 "program": uint8 tensor of the torch.export.save bytes} — the student rebuilds without the file
-The student graph is rebuilt deterministically: build(arch) → fold BN → quantize_model(quant_config),
-then state_dict is loaded strictly.
+The student graph is rebuilt deterministically: build(arch) → fold BN (integer protocol) →
+quantize_model(quant_config), then state_dict is loaded strictly.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def relu_moments(g: Gaussian) -> Gaussian:
 class GaussianPropagation(fx.Interpreter):
     """Run a (folded or student) graph on per-channel Gaussians instead of tensors.
 
-    conv_stats maps conv module names to the Gaussian of their output (from the BN they absorbed).
+    conv_stats maps conv module names to the Gaussian of their output (from the BN they absorbed, or the BN
+    that follows them in an unfolded graph, which then passes it on).
     After run(), `at_quantizer` holds the Gaussian each ActQuantizer sees and `at_input` the Gaussian
     entering each conv/linear module.
     """
@@ -71,6 +72,8 @@ class GaussianPropagation(fx.Interpreter):
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             self.at_input[target] = x
             return self.conv_stats.get(target)
+        if isinstance(mod, nn.BatchNorm2d):  # unfolded (the paper's protocol): its conv returned its output
+            return x
         if isinstance(mod, (nn.ReLU, nn.ReLU6)):
             return relu_moments(x) if x is not None else None
         if isinstance(mod, (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)):

@@ -35,9 +35,10 @@ def _quant_error(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Quan
 
 @torch.no_grad()
 def weight_range(w: torch.Tensor, spec: QuantSpec, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel (min, max) for a weight, clipped by the MSE search when asked."""
+    """(min, max) per output channel (or of the whole tensor for a per-tensor spec), clipped by the MSE
+    search when asked."""
     _check(observer)
-    flat = w.detach().reshape(w.shape[0], -1).float()
+    flat = w.detach().reshape(w.shape[0] if spec.granularity == "channel" else 1, -1).float()
     lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
     if observer == "minmax":
         return lo, hi

@@ -10,9 +10,15 @@ ActQuantizer modules inserted where the integer graph holds quantized tensors:
 Quantizers are inserted lazily, by the first consumer that needs a quantized input, so a tensor is
 quantized once however many consumers it has. Logits (the last layer's output) stay unquantized:
 the integer graph returns the int32 accumulator and its scale.
+
+`QuantConfig.protocol = "paper"` builds the DFQF paper's looser, fake-quant-only student instead (README,
+"Protocols"): BN is not folded (a float BatchNorm2d after each conv, in train mode while the student is
+trained), weights have one learned step per tensor, and only the inputs of convs and linears are quantized —
+residual sums, pooling and the BN outputs stay float. `lower.compile` refuses such a student.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import operator
 from dataclasses import asdict, dataclass, field
@@ -23,12 +29,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from core.cli import bits_map, option
+from core.cli import bits_map, one_of, option
 from core.errors import DFQFError
 
-from .fold import fold_batch_norm
+from .fold import fold_batch_norm, trace
 from .modules import ActQuantizer, QuantConv2d, QuantLinear
 from .spec import activation_spec, check_bits, input_spec, weight_spec
+
+PROTOCOLS = ("integer", "paper")
+PROTOCOL_HELP = ("integer: BN folded, per-channel weights, every tensor of the integer graph quantized "
+                 "(deployable); paper: the DFQF paper's protocol, fake-quant only: BN unfolded and trained, "
+                 "per-tensor weights, residual sums in float (lower.compile refuses it)")
 
 
 def check_bit_overrides(overrides: dict[str, int]) -> None:
@@ -50,6 +61,7 @@ class QuantConfig:
     - `residual_bits` (None: `abits`): activations that more than one layer consumes — the residual stream
       of a ResNet or MobileNetV2 (the block inputs its shortcut and its first conv share);
     - `wbits`, `abits`: everything else.
+    `protocol` (PROTOCOLS): "integer", the deployable student; "paper", the paper's fake-quant-only one.
 
     >>> QuantConfig(overrides={"layer1_*_aq": 8, "layer1_0_relu1_aq": 6}).bits("layer1_0_relu1_aq", 4)
     6
@@ -62,8 +74,11 @@ class QuantConfig:
     first_last_bits: int = 8
     overrides: dict[str, int] = field(default_factory=dict)
     residual_bits: int | None = None
+    protocol: str = "integer"
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DFQFError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if not isinstance(self.overrides, dict) or not all(isinstance(k, str) and k for k in self.overrides):
             raise DFQFError(f"overrides must map quantizer names (or patterns) to bits, got {self.overrides!r}")
         for name, b in [("wbits", self.wbits), ("abits", self.abits), ("first_last_bits", self.first_last_bits),
@@ -102,9 +117,11 @@ class QuantOptions:
     bits_override: dict[str, int] = option({}, "per-quantizer bits, NAME=BITS[,...]: NAME a conv/linear module "
                                            "(its weights), '<node>_aq' (an activation) or an fnmatch pattern such "
                                            "as 'layer3_*_aq'", parse=bits_map, check=check_bit_overrides)
+    protocol: str = option("integer", PROTOCOL_HELP, check=one_of(*PROTOCOLS))
 
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits)
+        return QuantConfig(self.wbits, self.abits, self.first_last_bits, dict(self.bits_override), self.residual_bits,
+                           self.protocol)
 
 
 @dataclass
@@ -120,6 +137,7 @@ class _State:
 class _Converter:
     def __init__(self, gm: fx.GraphModule, config: QuantConfig) -> None:
         self.src, self.config = gm, config
+        self.paper = config.protocol == "paper"
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.state: dict[fx.Node, _State] = {}
@@ -225,7 +243,8 @@ def _conv_or_linear(c: _Converter, n: fx.Node) -> _State:
     edge = n is c.first or n is c.last
     wbits = c.bits(n.target, c.config.first_last_bits if edge else c.config.wbits)
     x = c.need_q(n.args[0], c.config.abits)  # need_q raises it to first_last_bits for edge layers
-    qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)(mod, weight_spec(wbits))
+    spec = weight_spec(wbits, "tensor" if c.paper else "channel")
+    qmod = (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear)(mod, spec)
     return _State(c.add_module_node(n, qmod, (x.node,)), is_acc=True)
 
 
@@ -239,26 +258,39 @@ def _relu(c: _Converter, n: fx.Node) -> _State:
 def _add(c: _Converter, n: fx.Node) -> _State:
     if len(n.args) != 2 or n.kwargs or not all(isinstance(a, fx.Node) for a in n.args):
         raise DFQFError(f"unsupported add {n.name}: only tensor + tensor is supported")
+    if c.paper:  # a float sum of float terms
+        return _State(c.graph.call_function(operator.add, tuple(c.state[a].node for a in n.args), name=n.name))
     fused = next((a for a in n.args if c.state[a].is_acc), None)
     args = tuple(c.state[a].node if a is fused else c.need_q(a, c.config.abits).node for a in n.args)
     return _State(c.graph.call_function(operator.add, args, name=n.name))
 
 
 def _passthrough(c: _Converter, n: fx.Node) -> _State:
-    """Shape ops and max pooling: exact on the integer grid, the output keeps the input's quantizer."""
-    x = c.need_q(n.args[0], c.config.abits)
+    """Shape ops and max pooling: exact on the integer grid, the output keeps the input's quantizer (the
+    paper's protocol quantizes no input here: a float input stays float)."""
+    x = c.state[n.args[0]] if c.paper else c.need_q(n.args[0], c.config.abits)
     node = _copy(c, n, (x.node,) + tuple(n.args[1:]))
     return _State(node, x.quantizer, nonneg=x.nonneg)
 
 
 def _average(c: _Converter, n: fx.Node) -> _State:
-    """Average pooling: integer sum then one requantization; the consumer quantizes the output."""
-    x = c.need_q(n.args[0], c.config.abits)
+    """Average pooling: integer sum then one requantization; the consumer quantizes the output (under the
+    paper's protocol the input is not quantized either)."""
+    x = c.state[n.args[0]] if c.paper else c.need_q(n.args[0], c.config.abits)
     return _State(_copy(c, n, (x.node,) + tuple(n.args[1:])), nonneg=x.nonneg)
 
 
 def _identity(c: _Converter, n: fx.Node) -> _State:
     return c.state[n.args[0]]
+
+
+def _batch_norm(c: _Converter, n: fx.Node) -> _State:
+    """A BN the fold left: under the paper's protocol every BN (kept in float), else one that follows no
+    conv (nothing to fold it into: the integer graph has no float affine op)."""
+    if not c.paper:
+        raise DFQFError(f"{_describe(n, c.kind(n))} does not follow a Conv2d whose only user it is, so it cannot "
+                        f"be folded; the integer protocol needs every BatchNorm2d folded into a conv")
+    return _State(_copy(c, n, (c.state[n.args[0]].node,)))
 
 
 def _copy(c: _Converter, n: fx.Node, args: tuple) -> fx.Node:
@@ -291,6 +323,7 @@ CONVERTERS: dict[Any, Callable[[_Converter, fx.Node], _State]] = {
     F.adaptive_avg_pool2d: _average,
     nn.Identity: _identity,
     nn.Dropout: _identity,
+    nn.BatchNorm2d: _batch_norm,
 }
 
 
@@ -304,7 +337,12 @@ def supported_layers() -> str:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
-    """BN-fold `model` and return its fake-quant student (quantizer scales still uninitialized: calibrate)."""
-    student = _Converter(fold_batch_norm(model), config).run()
+    """BN-fold `model` (not under the paper's protocol) and return its fake-quant student (quantizer scales
+    still uninitialized: calibrate)."""
+    if config.protocol == "paper":
+        gm = model if isinstance(model, fx.GraphModule) else trace(model)
+        student = _Converter(copy.deepcopy(gm), config).run()
+    else:
+        student = _Converter(fold_batch_norm(model), config).run()
     student.graph.lint()
     return student.eval()

@@ -41,16 +41,18 @@ class ActQuantizer(nn.Module):
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel symmetric fake quantizer for a conv/linear weight."""
+    """Symmetric fake quantizer for a conv/linear weight: one step per output channel (the integer
+    protocol), or one per tensor (the paper's protocol: its learned step is the learnable clip)."""
 
     def __init__(self, spec: QuantSpec, out_channels: int) -> None:
         super().__init__()
-        if spec.granularity != "channel" or not spec.symmetric:
-            raise ValueError("weight quantizers are per channel and symmetric")
+        if not spec.symmetric:
+            raise ValueError("weight quantizers are symmetric")
         self.spec = spec
         self.enabled = True
-        self.scale = nn.Parameter(torch.ones(out_channels))
-        self.register_buffer("zero_point", torch.zeros(out_channels, dtype=torch.int32))
+        n = out_channels if spec.granularity == "channel" else 1
+        self.scale = nn.Parameter(torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -59,7 +61,7 @@ class WeightQuantizer(nn.Module):
         return P.fake_quantize(w, self.scale, self.zero_point, self.spec, axis=0, grad_factor=g)
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, channels={self.scale.numel()}"
+        return f"bits={self.spec.bits}, {self.spec.granularity}, scales={self.scale.numel()}"
 
 
 class QuantConv2d(nn.Conv2d):

@@ -84,9 +84,10 @@ class QuantSpec:
         return cls(**d)
 
 
-def weight_spec(bits: int) -> QuantSpec:
-    """Weights: signed, symmetric, narrow range, per output channel (DESIGN §3)."""
-    return QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True, granularity="channel")
+def weight_spec(bits: int, granularity: str = "channel") -> QuantSpec:
+    """Weights: signed, symmetric, narrow range, per output channel (DESIGN §3); per tensor under the
+    paper's protocol (`QuantConfig.protocol == "paper"`)."""
+    return QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=True, granularity=granularity)
 
 
 def activation_spec(bits: int, signed: bool) -> QuantSpec:
