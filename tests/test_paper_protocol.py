@@ -114,14 +114,18 @@ def test_ptq_saves_a_paper_student_that_lowering_refuses(tmp_path, capsys) -> No
     assert "no --protocol paper" in line
 
 
-def test_dfqf_trains_the_paper_students_bn(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("s_bn", ["train", "frozen"])
+def test_dfqf_trains_the_paper_students_bn(s_bn: str, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     code, stdout, err = main_in_process("train.dfqf", ["--smoke", "--arch", "tinynet", "--progress", "false",
-                                                       "--protocol", "paper", "--out", out], capsys)
+                                                       "--protocol", "paper", "--s-bn", s_bn, "--out", out], capsys)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["protocol"] == "paper"
     student, _ = load_student(out / "student.pt")
     fp = teacher("tinynet")
-    moved = [name for name, m in _modules(student, nn.BatchNorm2d).items()
-             if not torch.equal(m.running_mean, fp.get_submodule(name).running_mean)]
-    assert set(moved) == set(_modules(fp, nn.BatchNorm2d))  # every BN tracked the synthetic batches' statistics
+    bns = _modules(student, nn.BatchNorm2d)
+    moved = {name for name, m in bns.items() if not torch.equal(m.running_mean, fp.get_submodule(name).running_mean)}
+    learned = {name for name, m in bns.items() if not torch.equal(m.weight, fp.get_submodule(name).weight)}
+    # train: every BN tracked the synthetic batches' statistics; frozen: the teacher's statistics, kept
+    assert moved == (set(bns) if s_bn == "train" else set())
+    assert learned == set(bns)  # the affine parameters train either way

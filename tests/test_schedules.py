@@ -296,6 +296,29 @@ def test_depthwise_conv_matches_reference(schedules, mcpu, host, input_dtype, zp
 
 
 @pytest.mark.parametrize("schedules,mcpu,host", [("x86_vnni", "znver4", "vnni"), ("x86_avx2", AVX2_CPU, "avx2")])
+@pytest.mark.parametrize("k,stride,padding,dilation", [
+    (2, (1, 1), (0, 0), (1, 1)),  # an even filter width: no zero partner tap
+    (5, (1, 1), (2, 2), (1, 1)),  # odd: the last pair's partner is a zero weight
+    (3, (1, 1), (2, 2), (2, 2)),  # dilated: pairs of columns 2 apart
+    (3, (3, 3), (1, 1), (1, 1)),  # stride 3: every pair column formed (2 dw is no multiple of 3)
+    (7, (2, 2), (3, 3), (1, 1)),  # stride 2: only the even pair columns
+    (3, (2, 2), (2, 2), (2, 2)),  # stride 2, dilation 2: pairs 2 apart, even columns
+])
+def test_depthwise_tap_pairs_match_reference(schedules, mcpu, host, k, stride, padding, dilation):
+    """The int16 pair form of the depthwise kernel for every way its taps pair up (batch 1 and 3)."""
+    if not (HOST_VNNI if host == "vnni" else HOST_AVX2):
+        pytest.skip(f"host CPU lacks {host}")
+    m = GraphMaker(5, "int8", -3)
+    a = m.requantize("a", [m.conv("c0", "q", 20, k=1, padding=(0, 0))], dtype="int8", zero_point=-9)
+    d = m.conv("dw", a, 20, k=k, stride=stride, padding=padding, dilation=dilation, groups=20)
+    m.requantize("y", [d], relu=True)
+    g = m.graph()
+    kernels = [gv.name_hint for gv, _ in tb.build_relax(g, SCHEDULE_SETS[schedules]).functions_items()]
+    assert any(k.startswith("dw_depthwise") for k in kernels), kernels
+    assert_exact(g, schedules=schedules, mcpu=mcpu)
+
+
+@pytest.mark.parametrize("schedules,mcpu,host", [("x86_vnni", "znver4", "vnni"), ("x86_avx2", AVX2_CPU, "avx2")])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_dense_runs_on_the_conv_kernel(schedules, mcpu, host, bits):
     if not (HOST_VNNI if host == "vnni" else HOST_AVX2):

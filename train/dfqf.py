@@ -22,6 +22,7 @@ import math
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from core.cli import cli_main
@@ -165,6 +166,10 @@ def batches(job: Job, synthetic: Synthetic, epoch: int) -> Iterator[tuple[torch.
 
 def student_step(job: Job, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str, float]:
     job.student.train()
+    if job.cfg.s_bn == "frozen":  # only the paper protocol's student has BN layers
+        for m in job.student.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     loss = kd_loss(job.s_ddp(x), t_logits, job.cfg.temperature)
     terms = {"kd": loss.item(), "lr": job.s_sched.get_last_lr()[0]}
     if job.features is not None:

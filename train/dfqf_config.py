@@ -29,6 +29,7 @@ from .quant.calibrate import OBSERVERS
 from .quant.convert import QuantOptions
 
 SCHEDULES = ("two-stage", "alternating")
+S_BN_MODES = ("train", "frozen")
 LR_FIELDS = {"g_lr", "s_lr", "s_scale_lr"}  # may change on --resume (e.g. after a non-finite loss)
 _W = GeneratorLossWeights  # the loss-weight defaults live there (one source)
 
@@ -72,6 +73,9 @@ class DFQFConfig(QuantOptions):
     s_ema: float = option(0.05, "EMA of the student: half-life as a fraction of its steps (0 disables)",
                           check=fraction)
     s_augment: bool = option(False, "random flip + shift of the synthetic images, teacher logits computed live")
+    s_bn: str = option("train", "the student's BN layers during KD (--protocol paper keeps them): train (batch "
+                       "statistics, running ones updated) or frozen (the teacher's running statistics, affine "
+                       "parameters still learned)", check=one_of(*S_BN_MODES))
     init_observer: str = option("mse", "range observer of the initial student", check=one_of(*OBSERVERS))
     recon_steps: int = option(0, "block reconstruction before KD (train.reconstruct): steps per block, 0 = off",
                               check=non_negative)

@@ -290,7 +290,10 @@ def _batch_norm(c: _Converter, n: fx.Node) -> _State:
     if not c.paper:
         raise DFQFError(f"{_describe(n, c.kind(n))} does not follow a Conv2d whose only user it is, so it cannot "
                         f"be folded; the integer protocol needs every BatchNorm2d folded into a conv")
-    return _State(_copy(c, n, (c.state[n.args[0]].node,)))
+    bn = copy.deepcopy(c.module_of(n))
+    for param in bn.parameters():  # a frozen teacher's BN: the student's copy is trained
+        param.requires_grad_(True)
+    return _State(c.add_module_node(n, bn, (c.state[n.args[0]].node,)))
 
 
 def _copy(c: _Converter, n: fx.Node, args: tuple) -> fx.Node:
