@@ -46,6 +46,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "w4a4-no-adversarial": (JPEG, "test", ["--w-adv", "0"]),
     # alternating G/S steps, 800 of each (two-stage: 300 G, 400 S): about 35 min on one thread here
     "w4a4-alternating": (JPEG, "test", ["--schedule", "alternating", "--alt-steps", "800"]),
+    # protocol (c): the paper's (BN unfolded and trained, per-tensor weights, float residual sums), fake-quant only
+    "w4a4-paper-protocol": (JPEG, "test", ["--protocol", "paper"]),
 }
 # config fields shown in the table's run-config line
 SHOWN = ("g_steps", "g_batch", "synth_images", "s_epochs", "s_batch", "s_lr", "s_scale_lr", "temperature",
@@ -87,6 +89,8 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
     measured = {n: r for n, r in rows.items() if "same_as" not in r}
     threads = sorted({str(r.get("threads") or "?") for r in measured.values()})
     lines = ["# DFQF accuracy (top-1 %, integer-deployable protocol, first/last layer 8-bit)", "",
+             "Rows with `--protocol paper` are the DFQF paper's protocol instead (BN unfolded and trained, per-tensor "
+             "weights, residual sums in float): fake-quant only, not deployable (`lower.compile` refuses them).", "",
              f"Last command: `{env['command']}` — {env['date']}, commit {env['git_commit']}, {env['cpu']}, "
              f"{env['cores']} cores, torch {env['torch']}. Each row is one `python -m train.dfqf` run with the "
              f"row's flags; wall time is the whole run on this CPU with "

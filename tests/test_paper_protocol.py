@@ -92,8 +92,11 @@ def test_the_protocol_flag_and_config() -> None:
         QuantConfig(protocol="float")
     with pytest.raises(DFQFError):
         DFQFConfig(protocol="float")
+    with pytest.raises(DFQFError, match="--s-bn applies to --protocol paper only"):
+        resolve(["--s-bn", "frozen"])
+    assert resolve(["--s-bn", "frozen", "--protocol", "paper"]).s_bn == "frozen"
     # a run folder made before the flag existed still resumes (it ran the integer protocol)
-    saved = {k: v for k, v in DFQFConfig().result_fields().items() if k != "protocol"}
+    saved = {k: v for k, v in DFQFConfig().result_fields().items() if k not in ("protocol", "s_bn")}
     assert DFQFConfig().resume_differences(saved) == []
     assert DFQFConfig(protocol="paper").resume_differences(saved) == ["protocol"]
 

@@ -99,6 +99,9 @@ class DFQFConfig(QuantOptions):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.s_bn != "train" and self.protocol != "paper":
+            raise DFQFError("--s-bn applies to --protocol paper only: the integer protocol's student has no BN "
+                            "(folded into the convs)")
         try:
             self.loss_weights()
         except ValueError as e:

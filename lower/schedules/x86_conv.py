@@ -161,7 +161,7 @@ def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: i
 
 
 def padded_int16_input(batch, shape: ConvShape) -> tuple[list[te.Tensor], te.Tensor]:
-    """`padded_input` as the int16 kernels (AVX2 conv, depthwise) read it: x - zero_point widened to int16,
+    """`padded_input` as the AVX2 conv reads it: x - zero_point widened to int16,
     zeros in the padding."""
     return padded_input(batch, shape.in_hw, shape.padding, shape.cin, shape.in_dtype, "int16",
                         lambda v, zp: v.astype("int16") - zp.astype("int16"), lambda zp: tirx.const(0, "int16"))
