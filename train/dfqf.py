@@ -168,7 +168,7 @@ def student_step(job: Job, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str,
     job.student.train()
     if job.cfg.s_bn == "frozen":  # only the paper protocol's student has BN layers
         for m in job.student.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, nn.BatchNorm2d):
                 m.eval()
     loss = kd_loss(job.s_ddp(x), t_logits, job.cfg.temperature)
     terms = {"kd": loss.item(), "lr": job.s_sched.get_last_lr()[0]}

@@ -11,9 +11,9 @@ Quantizers are inserted lazily, by the first consumer that needs a quantized inp
 quantized once however many consumers it has. Logits (the last layer's output) stay unquantized:
 the integer graph returns the int32 accumulator and its scale.
 
-`QuantConfig.protocol = "paper"` builds the DFQF paper's looser, fake-quant-only student instead (README,
-"Protocols"): BN is not folded (a float BatchNorm2d after each conv, in train mode while the student is
-trained), weights have one learned step per tensor, and only the inputs of convs and linears are quantized —
+`QuantConfig.protocol = "paper"` builds the DFQF paper's looser, fake-quant-only student instead (README, "The
+paper's protocol"): BN is not folded (a trainable float copy of each BatchNorm2d; `train.dfqf --s-bn` sets its
+mode during KD), weights have one learned step per tensor, and only the inputs of convs and linears are quantized —
 residual sums, pooling and the BN outputs stay float. `lower.compile` refuses such a student.
 """
 from __future__ import annotations
@@ -342,10 +342,10 @@ def supported_layers() -> str:
 def quantize_model(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     """BN-fold `model` (not under the paper's protocol) and return its fake-quant student (quantizer scales
     still uninitialized: calibrate)."""
-    if config.protocol == "paper":
-        gm = model if isinstance(model, fx.GraphModule) else trace(model)
-        student = _Converter(copy.deepcopy(gm), config).run()
+    if config.protocol == "paper":  # the converter copies each BN; the other layers are rebuilt or stateless
+        src = model if isinstance(model, fx.GraphModule) else trace(model)
     else:
-        student = _Converter(fold_batch_norm(model), config).run()
+        src = fold_batch_norm(model)
+    student = _Converter(src, config).run()
     student.graph.lint()
     return student.eval()
