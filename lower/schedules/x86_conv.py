@@ -103,6 +103,7 @@ class Epilogue:
     qmin: int
     qmax: int
     dtype: str
+    hi32: bool = False  # every shift >= 32: the int32 tail of `requantize_value` (module docstring)
 
 
 def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, lanes: int
@@ -131,6 +132,13 @@ def requantize_value(acc: tirx.PrimExpr, mults: list[tirx.PrimExpr], residuals: 
     total = acc.astype("int64") * mults[0].astype("int64") + offset
     for t, m in zip(residuals, mults[1:]):
         total = total + t.astype("int64") * m.astype("int64")
+    if e.hi32:
+        zp = e.output_zero_point
+        # (shift - 32) subtracted in int64: TVM 0.27's bound of int32 `x >> (int32(s) - 32)` is [-1, 0] (the
+        # subtraction's bound overflows), and the simplifier then folded the whole epilogue to a constant
+        q = (total >> tirx.const(32, "int64")).astype("int32") >> (shift - tirx.const(32, "int64")).astype("int32")
+        q = tirx.max(tirx.min(q, tirx.const(e.qmax - zp, "int32")), tirx.const(e.qmin - zp, "int32"))
+        return (q + tirx.const(zp, "int32")).astype(e.dtype)
     q = (total >> shift) + tirx.const(e.output_zero_point, "int64")
     return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
@@ -180,9 +188,11 @@ def kernel_func(args: list[te.Tensor], conv: te.Tensor, batch, oh: int, ow: int,
     return te.create_prim_func([*args, out]).with_attr("global_symbol", name)
 
 
-def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: int, fused: bool) -> tirx.PrimFunc:
+def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: int, fused: bool,
+             epilogue_intrinsic: str | None = None) -> tirx.PrimFunc:
     """The register-tiled schedule (module docstring) of a `kernel_func`, tensorized with `intrinsic`;
-    fused: whether it was built with an epilogue."""
+    fused: whether it was built with an epilogue, tensorized with `epilogue_intrinsic` if given (`x86_requant`)
+    and vectorized otherwise."""
     sch = Schedule(func)
     blk = sch.get_sblock("conv")
     n, y, z, ob, oi, r_, s_, rc_, *inner = sch.get_loops(blk)
@@ -208,12 +218,15 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     c_obi, c_oi = sch.split(c_ch, [None, lanes])
     init = sch.decompose_reduction(blk, r_)
     for b_zi, b_obi, b_oi in (sch.get_loops(init)[-3:], (c_zi, c_obi, c_oi)):
-        sch.vectorize(b_oi)
+        if b_oi != c_oi or epilogue_intrinsic is None:
+            sch.vectorize(b_oi)
         sch.unroll(b_obi)
         sch.unroll(b_zi)
     sch.unroll(zi)
     sch.unroll(obi)
     sch.tensorize(oi, intrinsic)
+    if epilogue_intrinsic is not None:
+        sch.tensorize(c_oi, epilogue_intrinsic)
     return sch.mod["main"]
 
 
@@ -262,7 +275,8 @@ class Family:
     """A kernel family: `prepare(b, node, x)` -> its `KernelInputs`, or None when the kernel cannot run `node`
     exactly; `kernel(batch, shape, epilogue=, tile=)` -> the scheduled PrimFunc; `lanes` output channels per
     block; `suffix` names the kernels (e.g. "conv2d_vnni"); `max_acc` vector accumulators a register tile may
-    hold; `tunable`: whether `lower.tune` searches its register tile (the AMX kernel's tile blocking is fixed)."""
+    hold; `tunable`: whether `lower.tune` searches its register tile (the AMX kernel's tile blocking is fixed);
+    `hi32_epilogue`: whether its fused epilogues where every shift is >= 32 use `Epilogue.hi32`."""
 
     prepare: Callable[..., KernelInputs | None]  # (b, node, x, in_info=None)
     kernel: KernelBuilder
@@ -270,6 +284,7 @@ class Family:
     suffix: str
     max_acc: int
     tunable: bool = True
+    hi32_epilogue: bool = False  # the kernel takes `Epilogue.hi32` (the `x86_requant` epilogue) where it applies
 
 
 @dataclass
@@ -410,18 +425,19 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
         return None
     o_pad = k.o_pad
 
-    def per_out_channel(v: relax.Expr, rows: int | None = None) -> relax.Expr:
-        """[C] or [rows, C] with C = 1 or O -> [O_pad] / [rows, O_pad] (padded channels: 0)."""
+    def per_out_channel(v: relax.Expr, rows: int | None = None, fill: float = 0.0) -> relax.Expr:
+        """[C] or [rows, C] with C = 1 or O -> [O_pad] / [rows, O_pad] (padded channels: `fill`)."""
         shape = [o] if rows is None else [rows, o]
         v = R.broadcast_to(v, shape) if channels == 1 else v
-        return R.nn.pad(v, [0, 0] * (len(shape) - 1) + [0, o_pad - o], "constant", 0.0)
+        return R.nn.pad(v, [0, 0] * (len(shape) - 1) + [0, o_pad - o], "constant", fill)
 
     a = rq.attrs
     order = [j, *residuals]  # the conv term first
     zps = relax.const(np.array([int(a["input_zero_points"][i]) for i in order], np.int64).reshape(-1, 1), "int64")
     mult = per_out_channel(R.take(b.param(rq, "multiplier"), relax.const(np.array(order, np.int64), "int64"),
                                   axis=0, mode="clip"), len(terms))  # int64 [1 + R, O_pad]
-    shift = b.emit(per_out_channel(b.param(rq, "shift")))
+    hi32 = f.hi32_epilogue and int(np.min(rq.params["shift"])) >= 32 and len(residuals) <= 1
+    shift = b.emit(per_out_channel(b.param(rq, "shift"), fill=32.0 if hi32 else 0.0))  # padded: a valid shift
     one, zero = relax.const(np.int64(1), "int64"), relax.const(np.int64(0), "int64")
     rounding = R.where(R.greater(shift, zero), R.left_shift(one, R.maximum(R.subtract(shift, one), zero)), zero)
     offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
@@ -430,7 +446,7 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     offset = R.add(offset, R.multiply(R.astype(k.bias, "int64"), m0))  # + b * M_0 (module docstring)
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
-                        int(a["qmin"]), int(a["qmax"]), dtype)
+                        int(a["qmin"]), int(a["qmax"]), dtype, hi32)
     func = _kernel(b, f, conv, k, epilogue)
     args = [k.x, k.zp, k.wp, b.emit(R.astype(mult, "int32")), b.emit(offset), shift,
             *(terms[i] for i in residuals)]

@@ -30,7 +30,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from ..graph import Node, TensorInfo
-from . import x86_conv
+from . import x86_conv, x86_requant
 from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw, supports  # noqa: F401 (supports: this set's API)
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ def conv2d_nhwc_u8s8(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | Non
             * wt[ob, r, s, rc, oi, ri].astype("int32"), axis=[r, s, rc, ri]),
         name="conv")
     func = x86_conv.kernel_func([*inputs, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_u8s8")
-    return x86_conv.schedule(func, DOT_16X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None)
+    return x86_conv.schedule(func, DOT_16X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None,
+                             x86_requant.epilogue_intrinsic(epilogue))
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel + bias correction -------------------
@@ -144,4 +145,4 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo |
     return k.kernel_inputs(b, x, zp_u, wp, bias, LANES)
 
 
-FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni", MAX_ACC)
+FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_u8s8, LANES, "conv2d_vnni", MAX_ACC, hi32_epilogue=True)

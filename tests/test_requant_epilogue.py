@@ -1,0 +1,63 @@
+"""The int32-tail requantize epilogue of the AVX-512 kernels (`lower.schedules.x86_requant`): chosen exactly
+where every shift is >= 32, and bit-exact against the NumPy reference (the int64 epilogue stays for the rest)."""
+from __future__ import annotations
+
+import pytest
+import tvm
+
+from lower import tvm_build as tb
+from lower.schedules import SCHEDULE_SETS
+from lower.targets import make_target
+from toolkit import GraphMaker, assert_exact
+
+VNNI = SCHEDULE_SETS["x86_vnni"]
+HOST_VNNI = bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], make_target("llvm")))
+requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512vnni")
+
+
+def _graph(dtype: str, zero_point: int, relu: bool, shifts: tuple[int, int], residual_dtype: str = "uint8"):
+    """A fused plain epilogue (c0), a depthwise one (dw), one with a residual term (c1 + a) and one with
+    two residual terms (c2 + a + b: the int64 epilogue whatever the shifts)."""
+    m = GraphMaker(6, "uint8", 7)
+    a = m.requantize("a", [m.conv("c0", "q", 16)], dtype=residual_dtype, zero_point=-4 if residual_dtype == "int8"
+                     else 9, shifts=shifts)
+    d = m.requantize("d", [m.conv("dw", a, 16, groups=16)], relu=True, zero_point=6, shifts=shifts)
+    b = m.requantize("b", [m.conv("c1", d, 16), a], dtype=dtype, zero_point=zero_point, relu=relu, shifts=shifts)
+    m.requantize("y", [m.conv("c2", b, 16, k=1, padding=(0, 0)), a, b], shifts=shifts)
+    return m.graph()
+
+
+def _hi32(g) -> dict[str, bool]:
+    """Conv name -> whether its fused epilogue is the int32-tail form."""
+    kernels: dict = {}
+    tb.build_relax(g, VNNI, kernels=kernels)
+    return {node: r.epilogue.hi32 for r in kernels.values() if r.epilogue is not None for node in r.nodes}
+
+
+@pytest.mark.parametrize("shifts,expected", [((32, 45), True), ((30, 32), False)])
+def test_the_epilogue_form_follows_the_shifts(shifts, expected):
+    """hi32 for every fused epilogue with at most one residual exactly when no shift is below 32 (seeded:
+    each 16-channel layer drawn from 30-32 has a shift below 32)."""
+    g = _graph("uint8", 3, False, shifts)
+    shift_min = {n.inputs[0]: int(n.params["shift"].min()) for n in g.nodes if n.op == "requantize"}
+    forms = _hi32(g)
+    assert set(forms) == {"c0", "dw", "c1", "c2"}
+    assert not forms["c2"]  # two residual terms
+    for conv in ("c0", "dw", "c1"):
+        assert forms[conv] == (shift_min[conv] >= 32) == expected
+
+
+@requires_vnni
+@pytest.mark.parametrize("dtype,zero_point,relu,residual_dtype", [
+    ("uint8", 3, False, "uint8"),
+    ("uint8", 11, True, "int8"),  # ReLU: qmin = zp
+    ("int8", -5, False, "int8"),
+    ("int8", 2, True, "uint8"),
+])
+@pytest.mark.parametrize("shifts", [(32, 32), (40, 45), (29, 34)])  # 32: a zero int32 shift; 29-34: mixed forms
+def test_int32_tail_epilogue_matches_reference(dtype, zero_point, relu, residual_dtype, shifts):
+    g = _graph(dtype, zero_point, relu, shifts, residual_dtype)
+    forms = _hi32(g)
+    if shifts[0] >= 32:
+        assert forms["c0"] and forms["dw"] and forms["c1"]
+    assert_exact(g, schedules="x86_vnni", mcpu="znver4")
