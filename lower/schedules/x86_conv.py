@@ -8,8 +8,9 @@ point, packed weight and bias as Relax values. This module gives it the rest:
 
 - `padded_input`: the kernel reads the unpadded activation and forms the padded (and, per family, converted)
   input rows itself, so no conv needs a separate pad kernel or a padded copy of its input in memory;
-- `requantize_epilogue`: the graph's requantize as the kernel's epilogue (`Epilogue`), so one kernel per
-  conv writes the 8-bit activation and the int32 accumulator never reaches memory;
+- `requantize_epilogue` (from `x86_requant`, with `Epilogue` and its arithmetic): the graph's requantize as the
+  kernel's epilogue, so one kernel per conv writes the 8-bit activation and the int32 accumulator never
+  reaches memory;
 - `schedule`: parallel over batch x blocks of up to `ROWS_PER_TASK` output rows (each block first computes the
   padded input rows it reads: (rows + kh - 1) / rows times the input instead of kh times for one row per
   task), output column tiles, then the reduction, then the register tile
@@ -18,17 +19,6 @@ point, packed weight and bias as Relax values. This module gives it the rest:
 - `emit_conv2d` / `emit_conv2d_requantize`: the Relax glue, for `lower.tvm_build`'s schedule-set interface.
   Each kernel has a `kernel_key`; the builder's `tiles` (from `lower.tune`) may override its register tile,
   and the builder's `kernels` (when not None) records every kernel it asks for.
-
-Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
-in int64 (`lower.reference`). The conv term is t_0 = a + b, the kernel's
-int32 dot product a plus its (corrected) bias b. The kernel computes ((a * M_0 + sum_{i>0} t_i * M_i +
-offset') >> n) + zp_out with offset' = offset + 2^(n-1) - sum_i zp_i * M_i + b * M_0 folded per channel into
-one int64 constant by the Relax glue (parameter-only work, done once). Both sides are the same integer: int64
-addition and multiplication are exact modulo 2^64 and the final sum is in range
-(`lower.integerize.joint_dyadic` bounds it), so the order of the terms cannot change the result. Every
-multiplied value is 32 bits wide (a, or an 8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as
-int32, so LLVM multiplies with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 vpmullq. (With the bias
-added to a in the kernel, LLVM widened a and b separately, lost the 32-bit bound and used vpmullq.)
 """
 from __future__ import annotations
 
@@ -44,6 +34,7 @@ from tvm.s_tir import Schedule
 from core.errors import DFQFError
 
 from ..graph import Node, TensorInfo
+from .x86_requant import Epilogue, requantize_epilogue, requantize_value  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from ..tvm_build import GraphBuilder
@@ -89,58 +80,6 @@ def tiles_by_preference(ow: int, out_blocks: int, max_acc: int) -> list[tuple[in
 def register_tile(ow: int, out_blocks: int, max_acc: int) -> tuple[int, int]:
     """The default register tile: the first of `tiles_by_preference`."""
     return tiles_by_preference(ow, out_blocks, max_acc)[0]
-
-
-@dataclass(frozen=True)
-class Epilogue:
-    """A requantize applied to the conv accumulator inside the kernel.
-
-    residual_dtypes: one per residual input (uint8/int8 [batch, OH, OW, C]); the rest are the requantize's
-    attributes. The zero points of the terms are folded into the offset (module docstring)."""
-
-    residual_dtypes: tuple[str, ...]
-    output_zero_point: int
-    qmin: int
-    qmax: int
-    dtype: str
-    hi32: bool = False  # every shift >= 32: the int32 tail of `requantize_value` (module docstring)
-
-
-def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, lanes: int
-                        ) -> tuple[te.Tensor, list[te.Tensor]]:
-    """The requantized output of conv [batch, OH, OW, C / lanes, lanes] and its extra inputs: multiplier int32
-    [1 + R, C] (the conv term's row first), offset int64 [C] (offset' of the module docstring, the bias
-    included), shift int64 [C] and the R residuals."""
-    c = conv.shape[3] * lanes
-    mult = te.placeholder((1 + len(e.residual_dtypes), c), "int32", name="multiplier")
-    offset = te.placeholder((c,), "int64", name="offset")
-    shift = te.placeholder((c,), "int64", name="shift")
-    res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
-
-    def requantize(n, y, z, ch):
-        return requantize_value(conv[n, y, z, ch // lanes, ch % lanes], [mult[i, ch] for i in range(1 + len(res))],
-                                [rt[n, y, z, ch] for rt in res], offset[ch], shift[ch], e)
-
-    return te.compute((batch, oh, ow, c), requantize, name="requantize"), [mult, offset, shift, *res]
-
-
-def requantize_value(acc: tirx.PrimExpr, mults: list[tirx.PrimExpr], residuals: list[tirx.PrimExpr],
-                     offset: tirx.PrimExpr, shift: tirx.PrimExpr, e: Epilogue) -> tirx.PrimExpr:
-    """The epilogue's output for the kernel's int32 dot product `acc`, the residual values and one channel's
-    constants: int32 multipliers (the conv term's first), int64 offset' and shift (module docstring):
-    clamp(((acc * M_0 + sum_i t_i * M_i + offset') >> shift) + zp_out), in `e.dtype`."""
-    total = acc.astype("int64") * mults[0].astype("int64") + offset
-    for t, m in zip(residuals, mults[1:]):
-        total = total + t.astype("int64") * m.astype("int64")
-    if e.hi32:
-        zp = e.output_zero_point
-        # (shift - 32) subtracted in int64: TVM 0.27's bound of int32 `x >> (int32(s) - 32)` is [-1, 0] (the
-        # subtraction's bound overflows), and the simplifier then folded the whole epilogue to a constant
-        q = (total >> tirx.const(32, "int64")).astype("int32") >> (shift - tirx.const(32, "int64")).astype("int32")
-        q = tirx.max(tirx.min(q, tirx.const(e.qmax - zp, "int32")), tirx.const(e.qmin - zp, "int32"))
-        return (q + tirx.const(zp, "int32")).astype(e.dtype)
-    q = (total >> shift) + tirx.const(e.output_zero_point, "int64")
-    return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
 
 def padded_input(batch, in_hw: tuple[int, int], padding: tuple[int, int], cin: int, in_dtype: str, dtype: str,
@@ -443,7 +382,7 @@ def emit_conv2d_requantize(f: Family, b: "GraphBuilder", conv: Node, rq: Node, x
     offset = R.subtract(R.add(per_out_channel(b.param(rq, "offset")), rounding),
                         R.sum(R.multiply(mult, zps), axis=[0]))
     m0 = R.squeeze(R.strided_slice(mult, [0], [0], [1]), [0])  # the conv term's multiplier
-    offset = R.add(offset, R.multiply(R.astype(k.bias, "int64"), m0))  # + b * M_0 (module docstring)
+    offset = R.add(offset, R.multiply(R.astype(k.bias, "int64"), m0))  # + b * M_0 (`x86_requant` docstring)
     dtype = g.tensors[rq.name].dtype
     epilogue = Epilogue(tuple(g.tensors[rq.inputs[i]].dtype for i in residuals), int(a["output_zero_point"]),
                         int(a["qmin"]), int(a["qmax"]), dtype, hi32)

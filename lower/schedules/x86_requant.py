@@ -1,29 +1,93 @@
-"""The fused requantize epilogue of the AVX-512 kernels (`x86_vnni`, `x86_depthwise`) as a tensor intrinsic:
-16 output channels of one pixel per call, with the even/odd int64 lanes written out.
+"""The requantize fused into the conv kernels as their epilogue (`x86_conv`, `x86_vnni`, `x86_depthwise`,
+`x86_avx2`, `x86_amx`), and the int32-tail form of it as a tensor intrinsic for the 16-lane AVX-512 kernels.
 
-The requantizer is y = clamp(((sum_i t_i * M_i + offset') >> n) + zp_out) in int64 (`x86_conv.requantize_value`).
-Left to LLVM, the 16 int64 lanes cost about 17 instructions per 16 outputs: the int32 accumulator is split
-into two ymm halves and zero-extended (3), multiplied (2 vpmuldq), offset (2), shifted (2 vpsravq), clamped in
-int64 (4) and narrowed in two halves (3). This intrinsic, used where every shift n >= 32 (`Epilogue.hi32`):
+Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
+in int64 (`lower.reference`). The conv term is t_0 = a + b, the kernel's int32 dot product a plus its
+(corrected) bias b. The kernel computes ((a * M_0 + sum_{i>0} t_i * M_i + offset') >> n) + zp_out with
+offset' = offset + 2^(n-1) - sum_i zp_i * M_i + b * M_0 folded per channel into one int64 constant by the Relax
+glue (`x86_conv.emit_conv2d_requantize`; parameter-only work, done once). Both sides are the same integer: int64
+addition and multiplication are exact modulo 2^64 and the final sum is in range
+(`lower.integerize.joint_dyadic` bounds it), so the order of the terms cannot change the result. Every
+multiplied value is 32 bits wide (a, or an 8-bit activation) and every M_i < 2^31 (`joint_dyadic`), stored as
+int32, so LLVM multiplies with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 vpmullq. (With the bias
+added to a in the kernel, LLVM widened a and b separately, lost the 32-bit bound and used vpmullq.)
+
+The int32 tail (`Epilogue.hi32`, where every shift n >= 32 and the family takes it): y = clamp((total >> 32)
+>> (n - 32)) + zp with everything after the first shift in int32. floor(floor(x / 2^32) / 2^(n-32)) =
+floor(x / 2^n), the high dword is exact because |total| < 2^63, and the clamp to [qmin - zp, qmax - zp] comes
+before the + zp, so nothing overflows int32. Left to LLVM, the int64 form costs about 17 instructions per 16
+outputs: the int32 accumulator is split into two ymm halves and zero-extended (3), multiplied (2 vpmuldq),
+offset (2), shifted (2 vpsravq), clamped in int64 (4) and narrowed in two halves (3). The intrinsic:
 
 - multiplies the even and the odd int32 lanes in place: vpmuldq reads the low dword of each qword (the even
   lanes as they are; the odd ones after one vpsrlq), so nothing is extracted or extended;
 - adds offset' (its even and odd halves are shuffled once per kernel: loop-invariant);
-- takes the high dwords of both products in channel order with one vpermt2d: floor(total / 2^32), exact in
-  int32 because |total| < 2^63; then shifts by n - 32 in int32 (vpsravd): floor(floor(x / 2^32) / 2^(n-32))
-  = floor(x / 2^n), the reference's arithmetic shift;
-- clamps in int32 to [qmin - zp, qmax - zp], adds zp (no int32 overflow: the clamped value is within 8 bits)
-  and narrows: about 11 instructions, the same integers bit for bit (tests/test_schedules.py).
+- takes the high dwords of both sums in channel order with one vpermt2d, shifts by n - 32 (vpsravd), clamps
+  in int32 and narrows: about 11 instructions, the same integers bit for bit (tests/test_requant_epilogue.py).
 
-The description is the scalar expression `x86_conv.requantize_value` builds for the kernel's "requantize" block
-(tensorize matches it structurally), for zero or one residual term.
+Its description is `requantize_value` itself, the expression of the kernel's "requantize" block (tensorize
+matches it structurally), for zero or one residual term.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from tvm import te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from .x86_conv import Epilogue
+
+@dataclass(frozen=True)
+class Epilogue:
+    """A requantize applied to the conv accumulator inside the kernel.
+
+    residual_dtypes: one per residual input (uint8/int8 [batch, OH, OW, C]); the rest are the requantize's
+    attributes. The zero points of the terms are folded into the offset (module docstring)."""
+
+    residual_dtypes: tuple[str, ...]
+    output_zero_point: int
+    qmin: int
+    qmax: int
+    dtype: str
+    hi32: bool = False  # every shift >= 32: the int32 tail (module docstring)
+
+
+def requantize_epilogue(conv: te.Tensor, e: Epilogue, batch, oh: int, ow: int, lanes: int
+                        ) -> tuple[te.Tensor, list[te.Tensor]]:
+    """The requantized output of conv [batch, OH, OW, C / lanes, lanes] and its extra inputs: multiplier int32
+    [1 + R, C] (the conv term's row first), offset int64 [C] (offset' of the module docstring, the bias
+    included), shift int64 [C] and the R residuals."""
+    c = conv.shape[3] * lanes
+    mult = te.placeholder((1 + len(e.residual_dtypes), c), "int32", name="multiplier")
+    offset = te.placeholder((c,), "int64", name="offset")
+    shift = te.placeholder((c,), "int64", name="shift")
+    res = [te.placeholder((batch, oh, ow, c), dt, name=f"residual{i}") for i, dt in enumerate(e.residual_dtypes)]
+
+    def requantize(n, y, z, ch):
+        return requantize_value(conv[n, y, z, ch // lanes, ch % lanes], [mult[i, ch] for i in range(1 + len(res))],
+                                [rt[n, y, z, ch] for rt in res], offset[ch], shift[ch], e)
+
+    return te.compute((batch, oh, ow, c), requantize, name="requantize"), [mult, offset, shift, *res]
+
+
+def requantize_value(acc: tirx.PrimExpr, mults: list[tirx.PrimExpr], residuals: list[tirx.PrimExpr],
+                     offset: tirx.PrimExpr, shift: tirx.PrimExpr, e: Epilogue) -> tirx.PrimExpr:
+    """The epilogue's output for the kernel's int32 dot product `acc`, the residual values and one channel's
+    constants: int32 multipliers (the conv term's first), int64 offset' and shift (module docstring):
+    clamp(((acc * M_0 + sum_i t_i * M_i + offset') >> shift) + zp_out), in `e.dtype`."""
+    total = acc.astype("int64") * mults[0].astype("int64") + offset
+    for t, m in zip(residuals, mults[1:]):
+        total = total + t.astype("int64") * m.astype("int64")
+    if e.hi32:
+        zp = e.output_zero_point
+        # (shift - 32) subtracted in int64: TVM 0.27's bound of int32 `x >> (int32(s) - 32)` is [-1, 0] (the
+        # subtraction's bound overflows), and the simplifier then folded the whole epilogue to a constant
+        q = (total >> tirx.const(32, "int64")).astype("int32") >> (shift - tirx.const(32, "int64")).astype("int32")
+        q = tirx.max(tirx.min(q, tirx.const(e.qmax - zp, "int32")), tirx.const(e.qmin - zp, "int32"))
+        return (q + tirx.const(zp, "int32")).astype(e.dtype)
+    q = (total >> shift) + tirx.const(e.output_zero_point, "int64")
+    return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
+
 
 LANES = 16
 EVEN = [2 * i for i in range(8)]
@@ -60,7 +124,7 @@ def _tail(se, so, S, e: Epilogue):
 
 
 def _plain(e: Epilogue):
-    zp, lo, hi, dt = e.output_zero_point, e.qmin - e.output_zero_point, e.qmax - e.output_zero_point, e.dtype
+    dt = e.dtype
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
@@ -72,9 +136,7 @@ def _plain(e: Epilogue):
             for i in T.serial(0, 16):
                 with T.sblock("requantize"):
                     vi = T.axis.remap("S", [i])
-                    Y[vi] = T.Cast(dt, T.max(T.min(T.Cast("int32", T.Cast("int64", A[vi]) * T.Cast("int64", M[vi])
-                                                          + O[vi] >> T.int64(32)) >> T.Cast("int32", S[vi] - T.int64(32)),
-                                                   hi), lo) + zp)
+                    Y[vi] = requantize_value(A[vi], [M[vi]], [], O[vi], S[vi], e)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
@@ -92,8 +154,7 @@ def _plain(e: Epilogue):
 
 
 def _residual(e: Epilogue):
-    zp, lo, hi, dt, rt = (e.output_zero_point, e.qmin - e.output_zero_point, e.qmax - e.output_zero_point, e.dtype,
-                          e.residual_dtypes[0])
+    dt, rt = e.dtype, e.residual_dtypes[0]
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
@@ -106,10 +167,7 @@ def _residual(e: Epilogue):
             for i in T.serial(0, 16):
                 with T.sblock("requantize"):
                     vi = T.axis.remap("S", [i])
-                    Y[vi] = T.Cast(dt, T.max(T.min(T.Cast("int32", T.Cast("int64", A[vi]) * T.Cast("int64", M[0, vi])
-                                                          + O[vi] + T.Cast("int64", R[vi]) * T.Cast("int64", M[1, vi])
-                                                          >> T.int64(32)) >> T.Cast("int32", S[vi] - T.int64(32)),
-                                                   hi), lo) + zp)
+                    Y[vi] = requantize_value(A[vi], [M[0, vi], M[1, vi]], [R[vi]], O[vi], S[vi], e)
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
