@@ -32,7 +32,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from ..graph import Node, TensorInfo
-from . import x86_conv, x86_requant
+from . import x86_conv
 from .x86_conv import ConvShape, Epilogue, KernelInputs
 
 if TYPE_CHECKING:
@@ -144,10 +144,10 @@ def depthwise_nhwc(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None 
 
     conv = te.compute((batch, oh, ow, blocks, lanes), dot, name="conv")
     func = x86_conv.kernel_func([x, zp, wt], conv, batch, oh, ow, lanes, epilogue, f"depthwise_nhwc_{lanes}")
-    return _schedule(func, lanes, epilogue is not None, x86_requant.epilogue_intrinsic(epilogue))
+    return _schedule(func, lanes, epilogue is not None)
 
 
-def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool, epilogue_intrinsic: str | None) -> tirx.PrimFunc:
+def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool) -> tirx.PrimFunc:
     """Parallel over batch x blocks of output rows (each task forms the pair rows it reads); per channel block
     (its paired weights stay in registers), tiles of up to COLUMNS output columns accumulated in a "local"
     int32 tile over the taps, then stored or requantized (an int32 tile lets LLVM multiply by the requantizer's
@@ -169,9 +169,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool, epilogue_intrinsic: 
     sch.set_scope(blk, 0, "local")
     sch.reverse_compute_at(consumer, zo)
     *_, c_zi, c_ch = sch.get_loops(consumer)
-    c_oi = sch.split(c_ch, [None, lanes])[1]
-    if epilogue_intrinsic is None:
-        sch.vectorize(c_oi)
+    sch.vectorize(sch.split(c_ch, [None, lanes])[1])
     sch.unroll(c_zi)
     init = sch.decompose_reduction(blk, r_)
     i_zi, i_oi = sch.get_loops(init)[-2:]
@@ -180,8 +178,6 @@ def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool, epilogue_intrinsic: 
     for loop in (zi, p_, r_):
         sch.unroll(loop)
     sch.tensorize(oi, _intrinsic(lanes))
-    if epilogue_intrinsic is not None:
-        sch.tensorize(c_oi, epilogue_intrinsic)
     return sch.mod["main"]
 
 
@@ -209,4 +205,4 @@ def _prepare(lanes: int, b: "GraphBuilder", node: Node, x: relax.Expr, in_info: 
 def depthwise_family(lanes: int) -> x86_conv.Family:
     """The depthwise kernel family with `lanes` int32 lanes per vector (16: AVX-512, 8: AVX2)."""
     return x86_conv.Family(partial(_prepare, lanes), partial(depthwise_nhwc, lanes=lanes), lanes,
-                           f"depthwise{lanes}", MAX_ACC, hi32_epilogue=lanes == 16)
+                           f"depthwise{lanes}", MAX_ACC)
