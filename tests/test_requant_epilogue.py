@@ -3,6 +3,7 @@ where every shift is >= 32 (and never for the depthwise kernel, where it measure
 the NumPy reference next to the int64 epilogue of the rest."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tvm
 
@@ -16,10 +17,12 @@ HOST_VNNI = bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], make_t
 requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512vnni")
 
 
-def _graph(dtype: str, zero_point: int, relu: bool, shifts: tuple[int, int], residual_dtype: str = "uint8"):
+def _graph(dtype: str, zero_point: int, relu: bool, shifts: tuple[int, int], residual_dtype: str = "uint8",
+           size: int | None = None):
     """A fused plain epilogue (c0), a depthwise one (dw: the int64 form), one with a residual term (c1 + a) and
     one with two residual terms (c2 + a + b: the int64 form whatever the shifts)."""
-    m = GraphMaker(6, "uint8", 7)
+    pixels = None if size is None else np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    m = GraphMaker(6, "uint8", 7, pixels=pixels)
     a = m.requantize("a", [m.conv("c0", "q", 16)], dtype=residual_dtype, zero_point=-4 if residual_dtype == "int8"
                      else 9, shifts=shifts)
     d = m.requantize("d", [m.conv("dw", a, 16, groups=16)], relu=True, zero_point=6, shifts=shifts)
@@ -61,4 +64,13 @@ def test_int32_tail_epilogue_matches_reference(dtype, zero_point, relu, residual
     forms = _hi32(g)
     if shifts[0] >= 32:
         assert forms["c0"] and forms["c1"]
+    assert_exact(g, schedules="x86_vnni", mcpu="znver4")
+
+
+@requires_vnni
+def test_int32_tail_epilogue_over_parallel_row_blocks():
+    """20 output rows: several parallel row blocks fused with the symbolic (int64) batch, whose cast binding
+    blockize could not divide when the epilogue was tensorized after the fuse."""
+    g = _graph("uint8", 3, True, (33, 40), size=20)
+    assert all(_hi32(g)[conv] for conv in ("c0", "c1"))
     assert_exact(g, schedules="x86_vnni", mcpu="znver4")

@@ -141,12 +141,6 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     oh = int(sch.get(y).extent)
     yo, yi = sch.split(y, [None, max(d for d in range(1, min(oh, ROWS_PER_TASK) + 1) if not oh % d)])
     sch.reorder(n, yo, yi, zo, obo, r_, s_, rc_, zi, obi, oi, *inner)
-    rows = sch.fuse(n, yo)
-    sch.parallel(rows)
-    if any(sch.get(blk).name_hint == "pad" for blk in sch.get_child_blocks(sch.get_sblock("root"))):
-        pad = sch.get_sblock("pad")  # the padded input rows the task's output rows read, once per task
-        sch.compute_at(pad, rows)
-        sch.vectorize(sch.get_loops(pad)[-1])
     # Accumulate the register tile in a "local" buffer consumed once per tile (by the write-back or the
     # epilogue): with every index constant after unrolling, LLVM keeps it in vector registers instead of
     # loading and storing the output at every reduction step.
@@ -155,6 +149,14 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     sch.reverse_compute_at(consumer, obo)
     *_, c_zi, c_ch = sch.get_loops(consumer)
     c_obi, c_oi = sch.split(c_ch, [None, lanes])
+    if epilogue_intrinsic is not None:  # before the fuse: an int64 batch fused with the int32 rows gives the
+        sch.tensorize(c_oi, epilogue_intrinsic)  # block a cast binding that blockize cannot divide
+    rows = sch.fuse(n, yo)
+    sch.parallel(rows)
+    if any(sch.get(blk).name_hint == "pad" for blk in sch.get_child_blocks(sch.get_sblock("root"))):
+        pad = sch.get_sblock("pad")  # the padded input rows the task's output rows read, once per task
+        sch.compute_at(pad, rows)
+        sch.vectorize(sch.get_loops(pad)[-1])
     init = sch.decompose_reduction(blk, r_)
     for b_zi, b_obi, b_oi in (sch.get_loops(init)[-3:], (c_zi, c_obi, c_oi)):
         if b_oi != c_oi or epilogue_intrinsic is None:
@@ -164,8 +166,6 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
     sch.unroll(zi)
     sch.unroll(obi)
     sch.tensorize(oi, intrinsic)
-    if epilogue_intrinsic is not None:
-        sch.tensorize(c_oi, epilogue_intrinsic)
     return sch.mod["main"]
 
 
