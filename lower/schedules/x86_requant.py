@@ -138,60 +138,49 @@ def _vector(A, M, O, S, R, e: Epilogue):
     return T.Cast(f"{e.dtype}x16", q + T.Broadcast(T.int32(zp), 16))
 
 
-def _plain(e: Epilogue):
+def _plain(e: Epilogue, vector: bool):
+    """The description (vector=False: the scalar block tensorize matches) or the implementation, no residual."""
     dt = e.dtype
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    def func(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
              M: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "int64", offset_factor=1),
              S: T.Buffer((16,), "int64", offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(A[0:16], M[0:16], O[0:16], S[0:16])
             T.writes(Y[0:16])
-            for i in T.serial(0, 16):
-                with T.sblock("requantize"):
-                    vi = T.axis.remap("S", [i])
-                    Y[vi] = requantize_value(A[vi], [M[vi]], [], O[vi], S[vi], e)
+            if vector:
+                Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [], e)
+            else:
+                for i in T.serial(0, 16):
+                    with T.sblock("requantize"):
+                        vi = T.axis.remap("S", [i])
+                        Y[vi] = requantize_value(A[vi], [M[vi]], [], O[vi], S[vi], e)
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-             M: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "int64", offset_factor=1),
-             S: T.Buffer((16,), "int64", offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(A[0:16], M[0:16], O[0:16], S[0:16])
-            T.writes(Y[0:16])
-            Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [], e)
-
-    return desc, impl
+    return func
 
 
-def _residual(e: Epilogue):
+def _residual(e: Epilogue, vector: bool):
+    """The same with one residual term R (multipliers M [2, 16]: the conv term's row, then R's)."""
     dt, rt = e.dtype, e.residual_dtypes[0]
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    def func(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
              M: T.Buffer((2, 16), "int32", strides=[T.int32(), 1], offset_factor=1),
              O: T.Buffer((16,), "int64", offset_factor=1), S: T.Buffer((16,), "int64", offset_factor=1),
              R: T.Buffer((16,), rt, offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(A[0:16], M[0:2, 0:16], O[0:16], R[0:16], S[0:16])
             T.writes(Y[0:16])
-            for i in T.serial(0, 16):
-                with T.sblock("requantize"):
-                    vi = T.axis.remap("S", [i])
-                    Y[vi] = requantize_value(A[vi], [M[0, vi], M[1, vi]], [R[vi]], O[vi], S[vi], e)
+            if vector:
+                Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [R], e)
+            else:
+                for i in T.serial(0, 16):
+                    with T.sblock("requantize"):
+                        vi = T.axis.remap("S", [i])
+                        Y[vi] = requantize_value(A[vi], [M[0, vi], M[1, vi]], [R[vi]], O[vi], S[vi], e)
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-             M: T.Buffer((2, 16), "int32", strides=[T.int32(), 1], offset_factor=1),
-             O: T.Buffer((16,), "int64", offset_factor=1), S: T.Buffer((16,), "int64", offset_factor=1),
-             R: T.Buffer((16,), rt, offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(A[0:16], M[0:2, 0:16], O[0:16], R[0:16], S[0:16])
-            T.writes(Y[0:16])
-            Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [R], e)
-
-    return desc, impl
+    return func
 
 
 def intrinsic(e: Epilogue) -> str:
@@ -201,5 +190,6 @@ def intrinsic(e: Epilogue) -> str:
     zp, res = e.output_zero_point, "_".join(e.residual_dtypes) or "none"
     name = f"dfqf_requantize16_hi32_{res}_{e.dtype}_zp{zp}_{e.qmin}_{e.qmax}".replace("-", "m")
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *(_residual(e) if e.residual_dtypes else _plain(e)))
+        build = _residual if e.residual_dtypes else _plain
+        TensorIntrin.register(name, build(e, False), build(e, True))
     return name
