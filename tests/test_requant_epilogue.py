@@ -1,6 +1,6 @@
-"""The int32-tail requantize epilogue of the VNNI conv kernel (`lower.schedules.x86_requant`): chosen exactly
-where every shift is >= 32 (and never for the depthwise kernel, where it measured no gain), bit-exact against
-the NumPy reference next to the int64 epilogue of the rest."""
+"""The int32-tail requantize epilogue of the VNNI and AVX2 conv kernels (`lower.schedules.x86_requant`): chosen
+exactly where every shift is >= 32 (and never for the depthwise kernel, where it measured no gain), bit-exact
+against the NumPy reference next to the int64 epilogue of the rest."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +12,13 @@ from lower.schedules import SCHEDULE_SETS
 from lower.targets import make_target
 from toolkit import GraphMaker, assert_exact
 
-VNNI = SCHEDULE_SETS["x86_vnni"]
-HOST_VNNI = bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], make_target("llvm")))
-requires_vnni = pytest.mark.skipif(not HOST_VNNI, reason="host CPU lacks avx512vnni")
+HOST = make_target("llvm")
+SETS = [  # schedule set, an LLVM CPU with its features, the host feature it needs
+    pytest.param("x86_vnni", "znver4", marks=pytest.mark.skipif(
+        not tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], HOST), reason="host CPU lacks avx512vnni")),
+    pytest.param("x86_avx2", "haswell", marks=pytest.mark.skipif(
+        not tvm.target.codegen.llvm_cpu_has_features(["avx2"], HOST), reason="host CPU lacks avx2")),
+]
 
 
 def _graph(dtype: str, zero_point: int, relu: bool, shifts: tuple[int, int], residual_dtype: str = "uint8",
@@ -31,27 +35,28 @@ def _graph(dtype: str, zero_point: int, relu: bool, shifts: tuple[int, int], res
     return m.graph()
 
 
-def _hi32(g) -> dict[str, bool]:
+def _hi32(g, schedules: str = "x86_vnni") -> dict[str, bool]:
     """Conv name -> whether its fused epilogue is the int32-tail form."""
     kernels: dict = {}
-    tb.build_relax(g, VNNI, kernels=kernels)
+    tb.build_relax(g, SCHEDULE_SETS[schedules], kernels=kernels)
     return {node: r.epilogue.hi32 for r in kernels.values() if r.epilogue is not None for node in r.nodes}
 
 
+@pytest.mark.parametrize("schedules", ["x86_vnni", "x86_avx2"])
 @pytest.mark.parametrize("shifts,expected", [((32, 45), True), ((30, 32), False)])
-def test_the_epilogue_form_follows_the_shifts(shifts, expected):
+def test_the_epilogue_form_follows_the_shifts(schedules, shifts, expected):
     """hi32 for every fused epilogue with at most one residual exactly when no shift is below 32 (seeded:
     each 16-channel layer drawn from 30-32 has a shift below 32)."""
     g = _graph("uint8", 3, False, shifts)
     shift_min = {n.inputs[0]: int(n.params["shift"].min()) for n in g.nodes if n.op == "requantize"}
-    forms = _hi32(g)
+    forms = _hi32(g, schedules)
     assert set(forms) == {"c0", "dw", "c1", "c2"}
     assert not forms["c2"] and not forms["dw"]  # two residual terms; the depthwise kernel
     for conv in ("c0", "c1"):
         assert forms[conv] == (shift_min[conv] >= 32) == expected
 
 
-@requires_vnni
+@pytest.mark.parametrize("schedules,mcpu", SETS)
 @pytest.mark.parametrize("dtype,zero_point,relu,residual_dtype", [
     ("uint8", 3, False, "uint8"),
     ("uint8", 11, True, "int8"),  # ReLU: qmin = zp
@@ -59,18 +64,18 @@ def test_the_epilogue_form_follows_the_shifts(shifts, expected):
     ("int8", 2, True, "uint8"),
 ])
 @pytest.mark.parametrize("shifts", [(32, 32), (40, 45), (29, 34)])  # 32: a zero int32 shift; 29-34: mixed forms
-def test_int32_tail_epilogue_matches_reference(dtype, zero_point, relu, residual_dtype, shifts):
+def test_int32_tail_epilogue_matches_reference(schedules, mcpu, dtype, zero_point, relu, residual_dtype, shifts):
     g = _graph(dtype, zero_point, relu, shifts, residual_dtype)
-    forms = _hi32(g)
+    forms = _hi32(g, schedules)
     if shifts[0] >= 32:
         assert forms["c0"] and forms["c1"]
-    assert_exact(g, schedules="x86_vnni", mcpu="znver4")
+    assert_exact(g, schedules=schedules, mcpu=mcpu)
 
 
-@requires_vnni
-def test_int32_tail_epilogue_over_parallel_row_blocks():
+@pytest.mark.parametrize("schedules,mcpu", SETS)
+def test_int32_tail_epilogue_over_parallel_row_blocks(schedules, mcpu):
     """20 output rows: several parallel row blocks fused with the symbolic (int64) batch, whose cast binding
     blockize could not divide when the epilogue was tensorized after the fuse."""
     g = _graph("uint8", 3, True, (33, 40), size=20)
-    assert all(_hi32(g)[conv] for conv in ("c0", "c1"))
-    assert_exact(g, schedules="x86_vnni", mcpu="znver4")
+    assert all(_hi32(g, schedules)[conv] for conv in ("c0", "c1"))
+    assert_exact(g, schedules=schedules, mcpu=mcpu)

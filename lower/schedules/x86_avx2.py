@@ -29,7 +29,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from ..graph import Node, TensorInfo
-from . import x86_conv
+from . import x86_conv, x86_requant
 from .x86_conv import ConvShape, Epilogue, KernelInputs, out_hw
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ def conv2d_nhwc_s16(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None
             * wt[ob, r, s, rc, rh, oi, rk].astype("int32"), axis=[r, s, rc, rh, rk]),
         name="conv")
     func = x86_conv.kernel_func([*inputs, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_s16_avx2")
-    return x86_conv.schedule(func, DOT_8X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None)
+    return x86_conv.schedule(func, DOT_8X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None,
+                             x86_requant.epilogue_intrinsic(epilogue, LANES))
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel ---------------------------------------
@@ -143,4 +144,4 @@ def _prepare(b: "GraphBuilder", node: Node, x: relax.Expr, in_info: TensorInfo |
     return k.kernel_inputs(b, x, int(node.attrs["input_zero_point"]), wp, b.param(node, "bias"), LANES)
 
 
-FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2", MAX_ACC)
+FAMILY = x86_conv.Family(_prepare, conv2d_nhwc_s16, LANES, "conv2d_avx2", MAX_ACC, hi32_epilogue=True)

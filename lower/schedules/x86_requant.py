@@ -1,5 +1,5 @@
 """The requantize fused into the conv kernels as their epilogue (`x86_conv`, `x86_vnni`, `x86_depthwise`,
-`x86_avx2`, `x86_amx`), and the int32-tail form of it as a tensor intrinsic for the VNNI conv kernel.
+`x86_avx2`, `x86_amx`), and the int32-tail form of it as a tensor intrinsic for the VNNI and AVX2 conv kernels.
 
 Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
 in int64 (`lower.reference`). The conv term is t_0 = a + b, the kernel's int32 dot product a plus its
@@ -12,7 +12,7 @@ multiplied value is 32 bits wide (a, or an 8-bit activation) and every M_i < 2^3
 int32, so LLVM multiplies with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 vpmullq. (With the bias
 added to a in the kernel, LLVM widened a and b separately, lost the 32-bit bound and used vpmullq.)
 
-The int32 tail (`Epilogue.hi32`: every shift n >= 32, in a family that takes it, the VNNI conv):
+The int32 tail (`Epilogue.hi32`: every shift n >= 32, in a family that takes it: the VNNI and AVX2 convs):
 y = clamp((total >> 32) >> (n - 32)) + zp with everything after the first shift in int32:
 floor(floor(x / 2^32) / 2^(n-32)) = floor(x / 2^n), the high dword is exact because |total| < 2^63, and the
 clamp to [qmin - zp, qmax - zp] comes before the + zp, so nothing overflows int32. Left to LLVM, the int64 form
@@ -25,10 +25,12 @@ in two halves (3). The intrinsic:
 - adds offset' (its even and odd halves: one vpermt2q each per register tile);
 - takes the high dwords of both sums in channel order with one vpermt2d, shifts by n - 32 (vpsravd), clamps
   in int32 and narrows: about 11 instructions, the same integers bit for bit (tests/test_requant_epilogue.py).
+  With 8 lanes (AVX2) the same expression needs no 64-bit arithmetic shift, which AVX2 lacks and LLVM
+  emulates in the int64 form (vpcmpgtq, vpsrlvq, vblendvpd per half).
 
 Measured (b16, one thread, Zen 4): the 1x1 convs with 24-32 input channels 1.18-1.27x faster, the others
-1.01-1.07x; the depthwise kernel gained nothing (0.88-1.12x, its time is in forming the pair rows), so it
-keeps the int64 form. The int32 form left to LLVM's vectorizer (trunc of the shifted int64 lanes) gained
+1.01-1.07x; the depthwise kernel gained nothing (0.88-1.12x: its time goes elsewhere, not isolated), so
+it keeps the int64 form. The int32 form left to LLVM's vectorizer (trunc of the shifted int64 lanes) gained
 nothing either: LLVM narrows with vpsrlq + vpmovqd + vinserti64x4.
 
 Its description is `requantize_value` itself, the expression of the kernel's "requantize" block (tensorize
@@ -95,64 +97,56 @@ def requantize_value(acc: tirx.PrimExpr, mults: list[tirx.PrimExpr], residuals: 
     return tirx.max(tirx.min(q, tirx.const(e.qmax, "int64")), tirx.const(e.qmin, "int64")).astype(e.dtype)
 
 
-LANES = 16
-EVEN = [2 * i for i in range(8)]
-ODD = [2 * i + 1 for i in range(8)]
-HIGH_DWORDS = [j for i in range(8) for j in (2 * i + 1, 16 + 2 * i + 1)]  # (even_k, odd_k) high dwords in order
+def epilogue_intrinsic(e: Epilogue | None, lanes: int) -> str | None:
+    """The intrinsic for the epilogue `e` of a kernel with `lanes` int32 lanes (16: AVX-512, 8: AVX2), or None
+    (no epilogue, or not `e.hi32`: the schedule vectorizes `requantize_value` instead)."""
+    return intrinsic(e, lanes) if e is not None and e.hi32 else None
 
 
-def epilogue_intrinsic(e: Epilogue | None) -> str | None:
-    """The intrinsic for a 16-lane kernel's epilogue `e`, or None (no epilogue, or not `e.hi32`: the schedule
-    vectorizes `x86_conv.requantize_value` instead)."""
-    return intrinsic(e) if e is not None and e.hi32 else None
+def _split(v, lanes: int):
+    """int32 x lanes -> (even lanes, odd lanes) as sign-extended int64 x lanes/2 (vpmuldq reads the low dwords)."""
+    half = lanes // 2
+    w = T.reinterpret(v, dtype=f"int64x{half}")
+    return (w << T.Broadcast(T.int64(32), half)) >> T.Broadcast(T.int64(32), half), w >> T.Broadcast(T.int64(32), half)
 
 
-def _split(v):
-    """int32x16 -> (even lanes, odd lanes) as sign-extended int64x8 (vpmuldq reads the low dwords)."""
-    w = T.reinterpret(v, dtype="int64x8")
-    return (w << T.Broadcast(T.int64(32), 8)) >> T.Broadcast(T.int64(32), 8), w >> T.Broadcast(T.int64(32), 8)
-
-
-def _halves(buf):
-    """An int64 [16] buffer as its (even, odd) lanes, int64x8 each."""
-    lo, hi = buf.vload([0], dtype="int64x8"), buf.vload([8], dtype="int64x8")
-    return T.Shuffle([lo, hi], EVEN), T.Shuffle([lo, hi], ODD)
-
-
-def _vector(A, M, O, S, R, e: Epilogue):
-    """The intrinsic's 16 outputs as one vector expression of its buffers (acc A, multipliers M [1 + R, 16],
-    offset' O, shift S, residuals R; no named intermediates: TVM 0.27 gives every vector-typed binding of a
-    TVMScript body its own workspace allocation, which kept LLVM from holding the tile in registers)."""
-    zp = e.output_zero_point
-    terms = [(A.vload([0], dtype="int32x16"), M.vload([0, 0] if R else [0], dtype="int32x16"))]
-    terms += [(T.Cast("int32x16", r.vload([0], dtype=f"{r.dtype}x16")), M.vload([1 + i, 0], dtype="int32x16"))
+def _vector(A, M, O, S, R, e: Epilogue, lanes: int):
+    """The intrinsic's `lanes` outputs as one vector expression of its buffers (acc A, multipliers M [1 + R,
+    lanes], offset' O, shift S, residuals R; no named intermediates: TVM 0.27 gives every vector-typed binding
+    of a TVMScript body its own workspace allocation, which kept LLVM from holding the tile in registers)."""
+    zp, half, i32, i64 = e.output_zero_point, lanes // 2, f"int32x{lanes}", f"int64x{lanes // 2}"
+    terms = [(A.vload([0], dtype=i32), M.vload([0, 0] if R else [0], dtype=i32))]
+    terms += [(T.Cast(i32, r.vload([0], dtype=f"{r.dtype}x{lanes}")), M.vload([1 + i, 0], dtype=i32))
               for i, r in enumerate(R)]
-    se, so = _halves(O)
+    o0, o1 = O.vload([0], dtype=i64), O.vload([half], dtype=i64)
+    se, so = T.Shuffle([o0, o1], list(range(0, lanes, 2))), T.Shuffle([o0, o1], list(range(1, lanes, 2)))
     for t, m in terms:
-        (te_, to), (me, mo) = _split(t), _split(m)
+        (te_, to), (me, mo) = _split(t, lanes), _split(m, lanes)
         se, so = se + te_ * me, so + to * mo
-    hi = T.Shuffle([T.reinterpret(se, dtype="int32x16"), T.reinterpret(so, dtype="int32x16")], HIGH_DWORDS)
-    s0, s1 = S.vload([0], dtype="int64x8"), S.vload([8], dtype="int64x8")
-    n = T.Cast("int32x16", T.Shuffle([s0, s1], list(range(16))) - T.Broadcast(T.int64(32), 16))
-    q = T.max(T.min(hi >> n, T.Broadcast(T.int32(e.qmax - zp), 16)), T.Broadcast(T.int32(e.qmin - zp), 16))
-    return T.Cast(f"{e.dtype}x16", q + T.Broadcast(T.int32(zp), 16))
+    # lane 2k: the high dword of even sum k (dword 2k + 1 of se), lane 2k + 1: that of odd sum k
+    high = [j for k in range(half) for j in (2 * k + 1, lanes + 2 * k + 1)]
+    hi = T.Shuffle([T.reinterpret(se, dtype=i32), T.reinterpret(so, dtype=i32)], high)
+    s0, s1 = S.vload([0], dtype=i64), S.vload([half], dtype=i64)
+    n = T.Cast(i32, T.Shuffle([s0, s1], list(range(lanes))) - T.Broadcast(T.int64(32), lanes))
+    q = T.max(T.min(hi >> n, T.Broadcast(T.int32(e.qmax - zp), lanes)), T.Broadcast(T.int32(e.qmin - zp), lanes))
+    return T.Cast(f"{e.dtype}x{lanes}", q + T.Broadcast(T.int32(zp), lanes))
 
 
-def _plain(e: Epilogue, vector: bool):
+def _plain(e: Epilogue, lanes: int, vector: bool):
     """The description (vector=False: the scalar block tensorize matches) or the implementation, no residual."""
-    dt = e.dtype
+    dt, L = e.dtype, lanes
 
     @T.prim_func(s_tir=True)
-    def func(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-             M: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "int64", offset_factor=1),
-             S: T.Buffer((16,), "int64", offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
+    def func(A: T.Buffer((L,), "int32", offset_factor=1, scope="local"),
+             M: T.Buffer((L,), "int32", offset_factor=1), O: T.Buffer((L,), "int64", offset_factor=1),
+             S: T.Buffer((L,), "int64", offset_factor=1), Y: T.Buffer((L,), dt, offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(A[0:16], M[0:16], O[0:16], S[0:16])
-            T.writes(Y[0:16])
+            T.reads(A[0:L], M[0:L], O[0:L], S[0:L])
+            T.writes(Y[0:L])
             if vector:
-                Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [], e)
+                Y[T.ramp(T.int32(0), 1, L)] = _vector(A, M, O, S, [], e, L)
             else:
-                for i in T.serial(0, 16):
+                for i in T.serial(0, L):
                     with T.sblock("requantize"):
                         vi = T.axis.remap("S", [i])
                         Y[vi] = requantize_value(A[vi], [M[vi]], [], O[vi], S[vi], e)
@@ -160,22 +154,22 @@ def _plain(e: Epilogue, vector: bool):
     return func
 
 
-def _residual(e: Epilogue, vector: bool):
-    """The same with one residual term R (multipliers M [2, 16]: the conv term's row, then R's)."""
-    dt, rt = e.dtype, e.residual_dtypes[0]
+def _residual(e: Epilogue, lanes: int, vector: bool):
+    """The same with one residual term R (multipliers M [2, lanes]: the conv term's row, then R's)."""
+    dt, rt, L = e.dtype, e.residual_dtypes[0], lanes
 
     @T.prim_func(s_tir=True)
-    def func(A: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-             M: T.Buffer((2, 16), "int32", strides=[T.int32(), 1], offset_factor=1),
-             O: T.Buffer((16,), "int64", offset_factor=1), S: T.Buffer((16,), "int64", offset_factor=1),
-             R: T.Buffer((16,), rt, offset_factor=1), Y: T.Buffer((16,), dt, offset_factor=1)) -> None:
+    def func(A: T.Buffer((L,), "int32", offset_factor=1, scope="local"),
+             M: T.Buffer((2, L), "int32", strides=[T.int32(), 1], offset_factor=1),
+             O: T.Buffer((L,), "int64", offset_factor=1), S: T.Buffer((L,), "int64", offset_factor=1),
+             R: T.Buffer((L,), rt, offset_factor=1), Y: T.Buffer((L,), dt, offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(A[0:16], M[0:2, 0:16], O[0:16], R[0:16], S[0:16])
-            T.writes(Y[0:16])
+            T.reads(A[0:L], M[0:2, 0:L], O[0:L], R[0:L], S[0:L])
+            T.writes(Y[0:L])
             if vector:
-                Y[T.ramp(T.int32(0), 1, 16)] = _vector(A, M, O, S, [R], e)
+                Y[T.ramp(T.int32(0), 1, L)] = _vector(A, M, O, S, [R], e, L)
             else:
-                for i in T.serial(0, 16):
+                for i in T.serial(0, L):
                     with T.sblock("requantize"):
                         vi = T.axis.remap("S", [i])
                         Y[vi] = requantize_value(A[vi], [M[0, vi], M[1, vi]], [R[vi]], O[vi], S[vi], e)
@@ -183,13 +177,14 @@ def _residual(e: Epilogue, vector: bool):
     return func
 
 
-def intrinsic(e: Epilogue) -> str:
-    """The name of the epilogue intrinsic for `e` (hi32, at most one residual), registered once per process."""
-    if len(e.residual_dtypes) > 1:
-        raise ValueError("the hi32 epilogue takes at most one residual term")
+def intrinsic(e: Epilogue, lanes: int) -> str:
+    """The name of the epilogue intrinsic for `e` (hi32, at most one residual) over `lanes` (16 or 8) int32
+    lanes, registered once per process."""
+    if len(e.residual_dtypes) > 1 or lanes not in (8, 16):
+        raise ValueError("the hi32 epilogue takes at most one residual term, over 8 or 16 lanes")
     zp, res = e.output_zero_point, "_".join(e.residual_dtypes) or "none"
-    name = f"dfqf_requantize16_hi32_{res}_{e.dtype}_zp{zp}_{e.qmin}_{e.qmax}".replace("-", "m")
+    name = f"dfqf_requantize{lanes}_hi32_{res}_{e.dtype}_zp{zp}_{e.qmin}_{e.qmax}".replace("-", "m")
     if TensorIntrin.get(name, allow_missing=True) is None:
         build = _residual if e.residual_dtypes else _plain
-        TensorIntrin.register(name, build(e, False), build(e, True))
+        TensorIntrin.register(name, build(e, lanes, False), build(e, lanes, True))
     return name

@@ -122,7 +122,7 @@ def conv2d_nhwc_u8s8(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | Non
         name="conv")
     func = x86_conv.kernel_func([*inputs, wt], conv, batch, oh, ow, LANES, epilogue, "conv2d_nhwc_u8s8")
     return x86_conv.schedule(func, DOT_16X4, tile or register_tile(ow, out_blocks), LANES, epilogue is not None,
-                             x86_requant.epilogue_intrinsic(epilogue))
+                             x86_requant.epilogue_intrinsic(epilogue, LANES))
 
 
 # -- the Relax glue: graph conv2d node -> layout changes + the kernel + bias correction -------------------
