@@ -158,13 +158,12 @@ def schedule(func: tirx.PrimFunc, intrinsic: str, tile: tuple[int, int], lanes: 
         sch.compute_at(pad, rows)
         sch.vectorize(sch.get_loops(pad)[-1])
     init = sch.decompose_reduction(blk, r_)
-    for b_zi, b_obi, b_oi in (sch.get_loops(init)[-3:], (c_zi, c_obi, c_oi)):
-        if b_oi != c_oi or epilogue_intrinsic is None:
-            sch.vectorize(b_oi)
-        sch.unroll(b_obi)
-        sch.unroll(b_zi)
-    sch.unroll(zi)
-    sch.unroll(obi)
+    i_zi, i_obi, i_oi = sch.get_loops(init)[-3:]
+    sch.vectorize(i_oi)
+    if epilogue_intrinsic is None:
+        sch.vectorize(c_oi)
+    for loop in (i_zi, i_obi, c_zi, c_obi, zi, obi):
+        sch.unroll(loop)
     sch.tensorize(oi, intrinsic)
     return sch.mod["main"]
 
