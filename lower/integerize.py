@@ -194,6 +194,11 @@ def _conv_or_dense(z: _Integerizer, n: fx.Node) -> Pending:
     wq = mod.weight_quantizer
     with torch.no_grad():
         s_w = wq.scale.detach().double()
+        bad = torch.nonzero(~(s_w > 0)).flatten().tolist()  # not positive, or NaN
+        if bad:
+            raise DFQFError(f"{n.name}: the learned weight step of output channel {bad[0]} is {float(s_w[bad[0]]):.3g} "
+                            f"({len(bad)} channel(s) not positive); a student trained before steps were kept "
+                            "positive (train.quant.modules.keep_steps_positive) cannot be lowered: retrain it")
         w = P.quantize(mod.weight.detach(), wq.scale.detach(), wq.zero_point, wq.spec, axis=0).numpy()
         acc_scale = xi.scale[0] * s_w.numpy()
         bias = mod.bias.detach().double().numpy()  # real: added when the sum is rounded (see Pending)

@@ -329,3 +329,23 @@ def test_real_data_ceiling_fine_tunes_on_shuffled_training_images(tmp_path: Path
     assert not (out / "generator.pt").exists()
     assert ceiling_main([*flags, "--images", "41", "--out", str(tmp_path / "too_many")]) == 2
     assert "more than the 40 training images" in capsys.readouterr().err
+
+
+def test_learned_steps_stay_positive_and_the_student_lowers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a step-size rate far above the steps (Adam moves each by about the rate), KD updates would push
+    steps through zero (a ResNet56 run did, with 4e-5 against 1e-4); `keep_steps_positive` holds them at
+    MIN_STEP, so every saved step is positive and the student lowers."""
+    import train.dfqf as D
+    from lower.compile import student_graph
+    from train.quant.modules import MIN_STEP, ActQuantizer, WeightQuantizer
+
+    monkeypatch.delenv("DFQF_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    assert D.main([*TINY, "--s-epochs", "1", "--s-scale-lr", "1.0", "--s-ema", "0", "--out", str(out)]) == 0
+    student, _ = load_student(out / "student.pt")
+    steps = torch.cat([m.scale.detach().flatten() for m in student.modules()
+                       if isinstance(m, (ActQuantizer, WeightQuantizer))])
+    floor = torch.tensor(MIN_STEP, dtype=steps.dtype)
+    assert bool((steps >= floor).all())
+    assert int((steps == floor).sum()) > 0  # the clamp acted
+    student_graph(out / "student.pt")  # lowers

@@ -230,3 +230,15 @@ def test_artifact_round_trip_packs_int4_and_detects_corruption(tiny_students, tm
     with pytest.raises(DFQFError, match="not a valid manifest"):
         read_manifest(out)
     assert json.loads((out / "graph.json").read_text())["packed_int4"]
+
+
+def test_non_positive_weight_step_is_named(tiny_students):
+    """A learned weight step at or below zero (a student trained before steps were kept positive) is one
+    error naming the layer and channel, not a malformed accumulator scale."""
+    student, info = tiny_students(8, 8)
+    gm = copy.deepcopy(student)
+    conv = next(m for m in gm.modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.scale.numel() > 2)
+    with torch.no_grad():
+        conv.weight_quantizer.scale[2] = -7.6e-4
+    with pytest.raises(DFQFError, match=r"output channel 2 is -0.00076 \(1 channel\(s\) not positive\)"):
+        integerize(gm, info.mean, info.std, info.input_size)

@@ -36,6 +36,7 @@ from .distributed import Dist, setup_distributed, shutdown
 from .generator import save_generator
 from .losses import BNStatsHook, generator_loss, kd_loss
 from .quant.calibrate import calibrate_activations
+from .quant.modules import keep_steps_positive
 from .reconstruct import ReconstructionConfig, reconstruct
 from .samples import CIFAR10_CLASSES, save_sample_grid
 from .seeds import G_AUGMENT, S_BATCH
@@ -180,6 +181,7 @@ def student_step(job: Job, x: torch.Tensor, t_logits: torch.Tensor) -> dict[str,
     job.s_opt.zero_grad(set_to_none=True)
     loss.backward()
     job.s_opt.step()
+    keep_steps_positive(job.student)
     job.s_sched.step()
     if job.ema is not None:
         job.ema.update(job.student)

@@ -30,7 +30,7 @@ from torch import nn
 
 from .feature_kd import TeacherFeatures
 from .quant.fold import trace
-from .quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from .quant.modules import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, keep_steps_positive
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
@@ -199,6 +199,7 @@ def _reconstruct_block(block: fx.GraphModule, inputs: torch.Tensor, target: torc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            keep_steps_positive(block)
     finally:
         for h in hooks:
             h.remove()

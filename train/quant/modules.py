@@ -40,6 +40,21 @@ class ActQuantizer(nn.Module):
         return f"bits={self.spec.bits}, signed={self.spec.signed}, symmetric={self.spec.symmetric}"
 
 
+MIN_STEP = 1e-8  # the smallest learned step an update may leave (the integer graph needs every step > 0)
+
+
+def keep_steps_positive(model: nn.Module) -> None:
+    """Clamp every learned step of `model`'s quantizers to >= MIN_STEP; called after each optimizer update.
+    Adam moves a parameter by about its learning rate whatever its size, so a tiny calibrated step (4e-5 for a
+    near-dead ResNet56 channel against the 1e-4 step-size rate) crossed zero in one KD update: the fake-quant
+    student still ran (the sign cancels in s * round(w / s)), but it could not be lowered. A step held at
+    MIN_STEP quantizes its channel to ~0, which is what a collapsed step means, in both graphs."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (ActQuantizer, WeightQuantizer)):
+                m.scale.clamp_(min=MIN_STEP)
+
+
 class WeightQuantizer(nn.Module):
     """Symmetric fake quantizer for a conv/linear weight: one step per output channel (the integer
     protocol), or one per tensor (the paper's protocol: its learned step is the learnable clip)."""
