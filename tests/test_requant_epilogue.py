@@ -56,17 +56,15 @@ def test_the_epilogue_form_follows_the_shifts(schedules, shifts, expected):
         assert forms[conv] == (shift_min[conv] >= 32) == expected
 
 
-A = ("uint8", 3, False, "uint8")
-B = ("uint8", 11, True, "int8")  # ReLU: qmin = zp
-C = ("int8", -5, False, "int8")
-D = ("int8", 2, True, "uint8")
+OUTPUTS = {  # output dtype, zero point, ReLU (qmin = zp), residual dtype
+    "u8": ("uint8", 3, False, "uint8"), "u8_relu": ("uint8", 11, True, "int8"),
+    "s8": ("int8", -5, False, "int8"), "s8_relu": ("int8", 2, True, "uint8")}
 CASES = [  # shifts of exactly 32 (a zero int32 shift) with every output form; 40-45 and mixed 29-34 with two each
-    ((32, 32), A), ((32, 32), B), ((32, 32), C), ((32, 32), D), ((40, 45), B), ((40, 45), C), ((29, 34), A),
-    ((29, 34), D)]
+    *(((32, 32), o) for o in OUTPUTS), ((40, 45), "u8_relu"), ((40, 45), "s8"), ((29, 34), "u8"), ((29, 34), "s8_relu")]
 
 
 @pytest.mark.parametrize("schedules,mcpu", SETS)
-@pytest.mark.parametrize("shifts,dtype,zero_point,relu,residual_dtype", [(s, *c) for s, c in CASES])
+@pytest.mark.parametrize("shifts,dtype,zero_point,relu,residual_dtype", [(s, *OUTPUTS[o]) for s, o in CASES])
 def test_int32_tail_epilogue_matches_reference(schedules, mcpu, dtype, zero_point, relu, residual_dtype, shifts):
     g = _graph(dtype, zero_point, relu, shifts, residual_dtype)
     forms = _hi32(g, schedules)
