@@ -32,7 +32,7 @@ from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
 from ..graph import Node, TensorInfo
-from . import x86_conv
+from . import x86_conv, x86_requant
 from .x86_conv import ConvShape, Epilogue, KernelInputs
 
 if TYPE_CHECKING:
@@ -144,14 +144,15 @@ def depthwise_nhwc(batch: tirx.Var, shape: ConvShape, epilogue: Epilogue | None 
 
     conv = te.compute((batch, oh, ow, blocks, lanes), dot, name="conv")
     func = x86_conv.kernel_func([x, zp, wt], conv, batch, oh, ow, lanes, epilogue, f"depthwise_nhwc_{lanes}")
-    return _schedule(func, lanes, epilogue is not None)
+    return _schedule(func, lanes, epilogue is not None, x86_requant.epilogue_intrinsic(epilogue, lanes))
 
 
-def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool) -> tirx.PrimFunc:
+def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool, epilogue_intrinsic: str | None) -> tirx.PrimFunc:
     """Parallel over batch x blocks of output rows (each task forms the pair rows it reads); per channel block
     (its paired weights stay in registers), tiles of up to COLUMNS output columns accumulated in a "local"
     int32 tile over the taps, then stored or requantized (an int32 tile lets LLVM multiply by the requantizer's
-    multiplier with vpmuldq), channels vectorized; the weight pairs are formed once per call."""
+    multiplier with vpmuldq; the int32-tail epilogue, `epilogue_intrinsic`, where it applies), channels
+    vectorized; the weight pairs are formed once per call."""
     sch = Schedule(func)
     blk = sch.get_sblock("conv")
     n, y, z, ob, oi, r_, p_ = sch.get_loops(blk)
@@ -159,18 +160,22 @@ def _schedule(func: tirx.PrimFunc, lanes: int, fused: bool) -> tirx.PrimFunc:
     zo, zi = sch.split(z, [None, max(d for d in range(1, min(ow, COLUMNS) + 1) if not ow % d)])
     yo, yi = sch.split(y, [None, max(d for d in range(1, min(oh, x86_conv.ROWS_PER_TASK) + 1) if not oh % d)])
     sch.reorder(n, yo, yi, ob, zo, r_, p_, zi, oi)
+    consumer = sch.get_sblock("requantize" if fused else "store")
+    sch.set_scope(blk, 0, "local")
+    sch.reverse_compute_at(consumer, zo)
+    *_, c_zi, c_ch = sch.get_loops(consumer)
+    c_oi = sch.split(c_ch, [None, lanes])[1]
+    if epilogue_intrinsic is not None:  # before the fuse, as in `x86_conv.schedule`
+        sch.tensorize(c_oi, epilogue_intrinsic)
+    else:
+        sch.vectorize(c_oi)
+    sch.unroll(c_zi)
     rows = sch.fuse(n, yo)
     sch.parallel(rows)
     pad = sch.get_sblock("pad")
     sch.compute_at(pad, rows)
     sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, lanes])[1])
     sch.vectorize(sch.get_loops(sch.get_sblock("wpair"))[-1])
-    consumer = sch.get_sblock("requantize" if fused else "store")
-    sch.set_scope(blk, 0, "local")
-    sch.reverse_compute_at(consumer, zo)
-    *_, c_zi, c_ch = sch.get_loops(consumer)
-    sch.vectorize(sch.split(c_ch, [None, lanes])[1])
-    sch.unroll(c_zi)
     init = sch.decompose_reduction(blk, r_)
     i_zi, i_oi = sch.get_loops(init)[-2:]
     sch.vectorize(i_oi)
@@ -205,4 +210,5 @@ def _prepare(lanes: int, b: "GraphBuilder", node: Node, x: relax.Expr, in_info: 
 def depthwise_family(lanes: int) -> x86_conv.Family:
     """The depthwise kernel family with `lanes` int32 lanes per vector (16: AVX-512, 8: AVX2)."""
     return x86_conv.Family(partial(_prepare, lanes), partial(depthwise_nhwc, lanes=lanes), lanes,
-                           f"depthwise{lanes}", MAX_ACC)
+                           f"depthwise{lanes}", MAX_ACC,
+                           hi32_epilogue=True)

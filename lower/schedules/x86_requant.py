@@ -1,5 +1,6 @@
 """The requantize fused into the conv kernels as their epilogue (`x86_conv`, `x86_vnni`, `x86_depthwise`,
-`x86_avx2`, `x86_amx`), and the int32-tail form of it as a tensor intrinsic for the VNNI and AVX2 conv kernels.
+`x86_avx2`, `x86_amx`), and the int32-tail form of it as a tensor intrinsic for the VNNI, AVX2 and depthwise
+kernels.
 
 Epilogue arithmetic. The requantize is y = clamp(zp_out + ((sum_i (t_i - zp_i) * M_i + offset + 2^(n-1)) >> n))
 in int64 (`lower.reference`). The conv term is t_0 = a + b, the kernel's int32 dot product a plus its
@@ -12,7 +13,8 @@ multiplied value is 32 bits wide (a, or an 8-bit activation) and every M_i < 2^3
 int32, so LLVM multiplies with vpmuldq (32 x 32 -> 64 bits) instead of a full 64 x 64 vpmullq. (With the bias
 added to a in the kernel, LLVM widened a and b separately, lost the 32-bit bound and used vpmullq.)
 
-The int32 tail (`Epilogue.hi32`: every shift n >= 32, in a family that takes it: the VNNI and AVX2 convs):
+The int32 tail (`Epilogue.hi32`: every shift n >= 32, in a family that takes it: the VNNI, AVX2 and depthwise
+convs):
 y = clamp((total >> 32) >> (n - 32)) + zp with everything after the first shift in int32:
 floor(floor(x / 2^32) / 2^(n-32)) = floor(x / 2^n), the high dword is exact because |total| < 2^63, and the
 clamp to [qmin - zp, qmax - zp] comes before the + zp, so nothing overflows int32. Left to LLVM, the int64 form
@@ -29,9 +31,9 @@ in two halves (3). The intrinsic:
   emulates in the int64 form (vpcmpgtq, vpsrlvq, vblendvpd per half).
 
 Measured (b16, one thread, Zen 4): the 1x1 convs with 24-32 input channels 1.18-1.27x faster, the others
-1.01-1.07x; the depthwise kernel gained nothing (0.88-1.12x: its time goes elsewhere, not isolated), so
-it keeps the int64 form. The AVX2 conv (Haswell code, same host): 1.25-1.27x on those 1x1 convs, 1.03-1.09x on
-ResNet20-like 3x3 convs with a residual, 0.96-1.05x on the others. The int32 form left to LLVM's vectorizer
+1.01-1.07x. The AVX2 conv (Haswell code, same host): 1.25-1.27x on those 1x1 convs, 1.03-1.09x on ResNet20-like
+3x3 convs with a residual, 0.96-1.05x on the others. The depthwise kernel (MobileNetV2's ten 3x3 shapes, side
+by side against its int64 form): 1.01-1.12x with 16 lanes, 1.18-1.47x with 8 (AVX2). The int32 form left to LLVM's vectorizer
 (trunc of the shifted int64 lanes) gained nothing either: LLVM narrows with vpsrlq + vpmovqd + vinserti64x4.
 
 Its description is `requantize_value` itself, the expression of the kernel's "requantize" block (tensorize
