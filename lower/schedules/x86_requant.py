@@ -33,8 +33,9 @@ in two halves (3). The intrinsic:
 Measured (b16, one thread, Zen 4): the 1x1 convs with 24-32 input channels 1.18-1.27x faster, the others
 1.01-1.07x. The AVX2 conv (Haswell code, same host): 1.25-1.27x on those 1x1 convs, 1.03-1.09x on ResNet20-like
 3x3 convs with a residual, 0.96-1.05x on the others. The depthwise kernel (MobileNetV2's ten 3x3 shapes, side
-by side against its int64 form): 1.01-1.12x with 16 lanes, 1.18-1.47x with 8 (AVX2). The int32 form left to LLVM's vectorizer
-(trunc of the shifted int64 lanes) gained nothing either: LLVM narrows with vpsrlq + vpmovqd + vinserti64x4.
+by side against its int64 form): 1.01-1.12x with 16 lanes, 1.18-1.47x with 8 (AVX2). The int32 form left to
+LLVM's vectorizer (trunc of the shifted int64 lanes) gained nothing: LLVM narrows with vpsrlq + vpmovqd +
+vinserti64x4.
 
 Its description is `requantize_value` itself, the expression of the kernel's "requantize" block (tensorize
 matches it structurally), for zero or one residual term.
