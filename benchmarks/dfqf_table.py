@@ -1,27 +1,34 @@
 """DFQF accuracy table: DFQF at several bit widths, ablations, and the PTQ baselines, one protocol.
 
-    python -m benchmarks.dfqf_table [--rows w4a4,w8a8,...] [--runs-dir runs/bench] [--data-dir D]
+    python -m benchmarks.dfqf_table [--rows w4a4,w8a8,...] [--seeds 0,1,2] [--jobs 2] [--runs-dir runs/bench]
+                                    [--data-dir D]
     python -m benchmarks.dfqf_table --rows ""      (only rewrite dfqf_table.md from dfqf_table.json)
 
-Each row is one `python -m train.dfqf` run (the defaults of train/dfqf_config.py plus the row's flags) in
-its own folder under --runs-dir; an interrupted table resumes its runs (`--resume`) and skips finished
-ones. After every finished row, dfqf_table.json and dfqf_table.md are rewritten with all rows measured so
-far: rows of earlier invocations kept in dfqf_table.json stay, a rerun row replaces its old result. A row
-whose resolved config equals another row's (e.g. `w4a4-no-adversarial` while the default adversarial
-weight is 0) is not run: the table says which row it is. The PTQ rows come from ptq_table.json
-(`python -m benchmarks.ptq_table`).
+Each row is one `python -m train.dfqf` run per seed (the defaults of train/dfqf_config.py plus the row's flags
+and `--seed S`) in its own folder under --runs-dir (`ROW` for seed 0, `ROW-seedS` for the others); an
+interrupted table resumes its runs (`--resume`) and skips finished ones. `--jobs N` runs N of them at once
+(each with the torch threads the environment gives, e.g. OMP_NUM_THREADS=1). After every finished run,
+dfqf_table.json and dfqf_table.md are rewritten with all runs measured so far: rows and seeds of earlier
+invocations kept in dfqf_table.json stay, a rerun seed replaces its old result. A row of several seeds shows
+their mean ± sample standard deviation and every seed's value. A row whose resolved config equals another
+row's (e.g. `w4a4-no-adversarial` while the default adversarial weight is 0) is not run: the table says which
+row it is. The PTQ rows come from ptq_table.json (`python -m benchmarks.ptq_table`).
 """
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.cli import check_fields, cli_main, each, one_of, option, parse_options, str_list
+from core.cli import (check_fields, cli_main, each, int_list, non_negative, one_of, option, parse_options, positive,
+                      str_list)
 from core.errors import DFQFError
+from core.files import atomic_write, write_json_atomic
 from core.paths import resolve_data_dir
 from train.dfqf_config import DFQFConfig, resolve
 
@@ -51,7 +58,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 # config fields shown in the table's run-config line
 SHOWN = ("g_steps", "g_batch", "synth_images", "s_epochs", "s_batch", "s_lr", "s_scale_lr", "temperature",
-         "s_ema", "w_inception", "w_balance", "w_bn", "w_adv", "w_ce", "alt_steps", "seed")
+         "s_ema", "w_inception", "w_balance", "w_bn", "w_adv", "w_ce", "alt_steps")
 
 
 def row_config(name: str) -> tuple[str, str, DFQFConfig]:
@@ -70,62 +77,105 @@ def same_as(name: str) -> str | None:
     return None
 
 
-def run_row(name: str, data_dir: Path, runs_dir: Path) -> dict[str, Any]:
+def run_folder(runs_dir: Path, name: str, seed: int) -> Path:
+    return runs_dir / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def run_row(name: str, seed: int, data_dir: Path, runs_dir: Path, quiet: bool = False) -> dict[str, Any]:
+    """One seed of a row: its train.dfqf run (made or resumed when its report is missing; `quiet`: its output
+    goes to dfqf_table.log in the run folder instead of this terminal) and its report."""
     teacher, split, extra = ROWS[name]
-    out = runs_dir / name
+    out = run_folder(runs_dir, name, seed)
     if not (out / "report.json").exists():
         cmd = [sys.executable, "-m", "train.dfqf", "--weights", str(data_dir / teacher), "--data-dir",
-               str(data_dir), "--split", split, "--out", str(out), "--progress", "false", *extra]
+               str(data_dir), "--split", split, "--out", str(out), "--progress", "false", "--seed", str(seed),
+               *extra]
         if (out / "config.json").exists():
             cmd.append("--resume")
-        print(f"[dfqf_table] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        print(f"[dfqf_table] {name} seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        if not quiet:
+            subprocess.run(cmd, check=True)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "dfqf_table.log", "ab") as log:
+                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    raise DFQFError(f"{name} seed {seed} failed: see {out / 'dfqf_table.log'}")
     report = json.loads((out / "report.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    return {**report, "flags": " ".join(extra), "config": {k: config.get(k) for k in SHOWN}}
+    return {**report, "config": {k: config.get(k) for k in SHOWN}}
+
+
+def as_seeds(row: dict[str, Any]) -> dict[str, Any]:
+    """A row in the per-seed form {"flags", "config", "seeds": {seed: report}}; rows that dfqf_table.json kept
+    from before seeds were a column (one report with its flags and config, seed in both) are converted."""
+    if "same_as" in row or "seeds" in row:
+        return row
+    report = {k: v for k, v in row.items() if k not in ("flags", "config")}
+    config = {k: v for k, v in (row.get("config") or {}).items() if k != "seed"}
+    return {"flags": row.get("flags", ""), "config": config, "seeds": {str(report.get("seed", 0)): report}}
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    """Mean (and sample standard deviation over two or more seeds) of a row's per-seed results."""
+    runs = [row["seeds"][k] for k in sorted(row["seeds"], key=int)]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    top1 = [r["fakequant_top1"] for r in runs]
+    return {"n": len(runs), "seeds": [int(r.get("seed", 0)) for r in runs], "top1": top1,
+            "mean": statistics.fmean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else None,
+            "fp": mean("fp_top1"), "raw": mean("fakequant_top1_without_ema"), "wall": mean("wall_seconds"),
+            "first": runs[0]}
 
 
 def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
-    measured = {n: r for n, r in rows.items() if "same_as" not in r}
-    threads = sorted({str(r.get("threads") or "?") for r in measured.values()})
+    measured = {n: summary(r) for n, r in rows.items() if "same_as" not in r}
+    threads = sorted({str(r.get("threads") or "?") for row in rows.values() for r in row.get("seeds", {}).values()})
     lines = ["# DFQF accuracy (top-1 %, integer-deployable protocol, first/last layer 8-bit)", "",
              "Rows with `--protocol paper` are the DFQF paper's protocol instead (BN unfolded and trained, per-tensor "
              "weights, residual sums in float): fake-quant only, not deployable (`lower.compile` refuses them).", "",
              f"Last command: `{env['command']}` — {env['date']}, commit {env['git_commit']}, {env['cpu']}, "
-             f"{env['cores']} cores, torch {env['torch']}. Each row is one `python -m train.dfqf` run with the "
-             f"row's flags; wall time is the whole run on this CPU with "
-             f"{', '.join(threads)} torch thread(s) (column `threads`); it grows when other jobs share the cores.",
-             ""]
+             f"{env['cores']} cores, torch {env['torch']}. Each row is one `python -m train.dfqf` run per seed "
+             f"with the row's flags; wall time is the whole run on this CPU with "
+             f"{', '.join(threads)} torch thread(s) (column `threads`); it grows when other jobs share the cores. "
+             "Float kernels differ between CPUs, so a seed reproduces bit for bit on one machine type only.", ""]
     def shown(c: DFQFConfig) -> dict[str, Any]:
         return {k: getattr(c, k) for k in SHOWN}
 
     # every row was run with today's defaults plus its own flags
-    if measured and all(r.get("config") == shown(row_config(n)[2]) for n, r in measured.items()):
+    if measured and all(r.get("config") == shown(row_config(n)[2]) for n, r in rows.items() if n in measured):
         cfg = shown(resolve([]))
         lines += ["Run config (the defaults; rows change only their flags): "
                   + ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None and k != "alt_steps")
                   + f"; alternating schedule: alt_steps={cfg.get('alt_steps')}.", ""]
     else:
         lines += ["Rows were run with different defaults; each row's config is in `dfqf_table.json`.", ""]
-    lines += ["DFQF fake-quant is the saved student (the EMA when one is kept); `last raw` is the same run's last "
-              "student before averaging.", "",
-              "| row | flags | teacher / split | FP | DFQF fake-quant | drop | last raw | G steps | KD steps "
-              "| EMA decay | threads | wall (min) | images generated |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["DFQF fake-quant is the saved student (the EMA when one is kept): the mean ± sample std over the "
+              "row's seeds when it has several, each seed's value in `per seed`; `last raw` is the same runs' last "
+              "student before averaging (mean).", "",
+              "| row | flags | teacher / split | FP | DFQF fake-quant | drop | per seed (seeds) | last raw "
+              "| G steps | KD steps | EMA decay | threads | wall (min) | images generated |",
+              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         if "same_as" in r:
             lines.append(f"| {name} | {r['flags']} | = `{r['same_as']}` (identical run: {r['why']}) "
-                         "| | | | | | | | | | |")
+                         "| | | | | | | | | | | |")
             continue
-        teacher = Path(r.get("teacher") or "").name
-        ema = r.get("student_ema_decay")
-        lines.append(f"| {name} | {r.get('flags') or '(defaults)'} | {teacher} / {r.get('split')} | "
-                     f"{r.get('fp_top1', float('nan')):.2f} | {r.get('fakequant_top1', float('nan')):.2f} | "
-                     f"{r.get('fp_top1', 0) - r.get('fakequant_top1', 0):.2f} | "
-                     f"{r['fakequant_top1_without_ema'] if 'fakequant_top1_without_ema' in r else '—'} | "
-                     f"{r['generator_steps']} | "
-                     f"{r['student_steps']} | {'off' if not ema else f'{ema:.4f}'} | {r.get('threads', '?')} | "
-                     f"{r['wall_seconds'] / 60:.1f} | {r['images_generated']} |")
+        m = measured[name]
+        f = m["first"]
+        teacher = Path(f.get("teacher") or "").name
+        ema = f.get("student_ema_decay")
+        top1 = f"{m['mean']:.2f}" if m["std"] is None else f"{m['mean']:.2f} ± {m['std']:.2f}"
+        per_seed = ", ".join(f"{v:.2f}" for v in m["top1"]) + f" ({', '.join(map(str, m['seeds']))})"
+        fp = m["fp"] if m["fp"] is not None else float("nan")
+        raw = "—" if m["raw"] is None else f"{m['raw']:.2f}"
+        lines.append(f"| {name} | {r.get('flags') or '(defaults)'} | {teacher} / {f.get('split')} | {fp:.2f} | "
+                     f"{top1} | {fp - m['mean']:.2f} | {per_seed} | "
+                     f"{raw} | "
+                     f"{f['generator_steps']} | {f['student_steps']} | {'off' if not ema else f'{ema:.4f}'} | "
+                     f"{f.get('threads', '?')} | {m['wall'] / 60:.1f} | {f['images_generated']} |")
     missing = [n for n in ROWS if n not in rows]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)} (`--rows` runs them; finished rows are kept)."]
@@ -142,11 +192,11 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
 def write(rows: dict[str, dict], env: dict) -> str:
     ptq_file = RESULTS / "ptq_table.json"
     ptq = json.loads(ptq_file.read_text()) if ptq_file.exists() else None
-    ordered = {n: rows[n] for n in ROWS if n in rows}
+    ordered = {n: as_seeds(rows[n]) for n in ROWS if n in rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dfqf_table.json").write_text(json.dumps({"environment": env, "rows": ordered}, indent=2) + "\n")
+    write_json_atomic({"environment": env, "rows": ordered}, RESULTS / "dfqf_table.json")
     text = markdown(ordered, env, ptq)
-    (RESULTS / "dfqf_table.md").write_text(text)
+    atomic_write(RESULTS / "dfqf_table.md", "w", lambda f: f.write(text))
     return text
 
 
@@ -154,6 +204,10 @@ def write(rows: dict[str, dict], env: dict) -> str:
 class DFQFTableOptions:
     rows: list[str] = option(list(ROWS), f"comma-separated subset of {', '.join(ROWS)} (empty: re-render the "
                              "table from dfqf_table.json)", parse=str_list, check=each(one_of(*ROWS)))
+    seeds: list[int] = option([0], "seeds to run for every row (each adds to the seeds a row already has)",
+                              parse=int_list, check=each(non_negative))
+    jobs: int = option(1, "runs at once (their output goes to dfqf_table.log in each run folder when > 1)",
+                       check=positive)
     runs_dir: Path = option(Path("runs/bench"), "where the rows' runs go")
     data_dir: Path | None = option(None, "data folder (default $DFQF_DATA_DIR)")
 
@@ -174,17 +228,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment("benchmarks.dfqf_table")
     data_dir = resolve_data_dir(args.data_dir)
-    rows: dict[str, dict] = json.loads(previous.read_text())["rows"] if previous.exists() else {}
-    text = ""
+    saved = json.loads(previous.read_text())["rows"] if previous.exists() else {}
+    rows: dict[str, dict] = {n: as_seeds(r) for n, r in saved.items()}
+    runs = []
     for name in names:
         twin = same_as(name)
         if twin is not None:
             rows[name] = {"same_as": twin, "flags": " ".join(ROWS[name][2]),
                           "why": f"`{' '.join(ROWS[name][2])}` is already the default"}
         else:
-            rows[name] = run_row(name, data_dir, Path(args.runs_dir))
-        text = write(rows, env)  # after every row: partial progress is kept
+            runs += [(name, seed) for seed in args.seeds]
+    where = {k: env.get(k) for k in ("date", "cpu", "cores", "git_commit", "command")}
+    text = write(rows, env) if rows else ""
+    failed: list[str] = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        started = {pool.submit(run_row, name, seed, data_dir, Path(args.runs_dir), args.jobs > 1): (name, seed)
+                   for name, seed in runs}
+        for done in as_completed(started):
+            name, seed = started[done]
+            try:
+                report = done.result()
+            except (DFQFError, subprocess.CalledProcessError) as e:  # the other runs go on; said at the end
+                failed.append(f"{name} seed {seed}: {e}")
+                continue
+            config = report.pop("config")
+            row = rows.get(name)
+            if row is None or "seeds" not in row or row.get("config") != config:
+                row = rows[name] = {"flags": " ".join(ROWS[name][2]), "config": config, "seeds": {}}
+            row["seeds"][str(seed)] = {**report, "measured": where}
+            text = write(rows, env)  # after every run: partial progress is kept
     print(text)
+    if failed:
+        raise DFQFError(f"{len(failed)} of {len(runs)} runs failed (the others are in the table): {'; '.join(failed)}")
     return 0
 
 
