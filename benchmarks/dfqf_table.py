@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     # protocol (c): the paper's (BN unfolded and trained, per-tensor weights, float residual sums), fake-quant only
     "w4a4-paper-protocol": (JPEG, "test", ["--protocol", "paper"]),
 }
+# images per evaluation split, for reports written before train.dfqf recorded `eval_images`
+SPLIT_IMAGES = {"test": 10000, "lossless932": 932}
 # config fields shown in the table's run-config line
 SHOWN = ("g_steps", "g_batch", "synth_images", "s_epochs", "s_batch", "s_lr", "s_scale_lr", "temperature",
          "s_ema", "w_inception", "w_balance", "w_bn", "w_adv", "w_ce", "alt_steps")
@@ -124,8 +126,12 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
         return statistics.fmean(values) if values else None
 
     top1 = [r["fakequant_top1"] for r in runs]
+    images = runs[0].get("eval_images") or SPLIT_IMAGES.get(runs[0].get("split"))
+    p = statistics.fmean(top1) / 100
     return {"n": len(runs), "seeds": [int(r.get("seed", 0)) for r in runs], "top1": top1,
             "mean": statistics.fmean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else None,
+            # one run's binomial standard error on a split of `images` images, in points
+            "binomial": 100 * (p * (1 - p) / images) ** 0.5 if images else None,
             "fp": mean("fp_top1"), "raw": mean("fakequant_top1_without_ema"), "wall": mean("wall_seconds"),
             "first": runs[0]}
 
@@ -154,14 +160,15 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
         lines += ["Rows were run with different defaults; each row's config is in `dfqf_table.json`.", ""]
     lines += ["DFQF fake-quant is the saved student (the EMA when one is kept): the mean ± sample std over the "
               "row's seeds when it has several, each seed's value in `per seed`; `last raw` is the same runs' last "
-              "student before averaging (mean).", "",
-              "| row | flags | teacher / split | FP | DFQF fake-quant | drop | per seed (seeds) | last raw "
-              "| G steps | KD steps | EMA decay | threads | wall (min) | images generated |",
-              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "student before averaging (mean); `binomial SE` is one run's sampling error on the split's images, "
+              "sqrt(p (1 − p) / images).", "",
+              "| row | flags | teacher / split | FP | DFQF fake-quant | drop | per seed (seeds) | binomial SE "
+              "| last raw | G steps | KD steps | EMA decay | threads | wall (min) | images generated |",
+              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         if "same_as" in r:
             lines.append(f"| {name} | {r['flags']} | = `{r['same_as']}` (identical run: {r['why']}) "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
             continue
         m = measured[name]
         f = m["first"]
@@ -171,8 +178,9 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
         per_seed = ", ".join(f"{v:.2f}" for v in m["top1"]) + f" ({', '.join(map(str, m['seeds']))})"
         fp = m["fp"] if m["fp"] is not None else float("nan")
         raw = "—" if m["raw"] is None else f"{m['raw']:.2f}"
+        binomial = "—" if m["binomial"] is None else f"{m['binomial']:.2f}"
         lines.append(f"| {name} | {r.get('flags') or '(defaults)'} | {teacher} / {f.get('split')} | {fp:.2f} | "
-                     f"{top1} | {fp - m['mean']:.2f} | {per_seed} | "
+                     f"{top1} | {fp - m['mean']:.2f} | {per_seed} | {binomial} | "
                      f"{raw} | "
                      f"{f['generator_steps']} | {f['student_steps']} | {'off' if not ema else f'{ema:.4f}'} | "
                      f"{f.get('threads', '?')} | {m['wall'] / 60:.1f} | {f['images_generated']} |")

@@ -37,6 +37,10 @@ def test_summary_is_the_mean_and_sample_std_in_seed_order():
     assert s["mean"] == pytest.approx(87.2667, abs=1e-4)
     assert s["std"] == pytest.approx(statistics.stdev([87.6, 87.2, 87.0]))
     assert s["wall"] == pytest.approx(604.0)
+    p = s["mean"] / 100  # split "test" without `eval_images` in the report: its 10,000 images
+    assert s["binomial"] == pytest.approx(100 * (p * (1 - p) / 10000) ** 0.5)
+    small = dfqf_table.summary({**row, "seeds": {"0": {**report(0, 90.0), "eval_images": 932}}})
+    assert small["binomial"] == pytest.approx(100 * (0.9 * 0.1 / 932) ** 0.5)  # 0.98 points
     assert dfqf_table.summary({**row, "seeds": {"0": report(0, 87.6)}})["std"] is None
 
 
@@ -48,7 +52,7 @@ def test_markdown_shows_mean_std_and_every_seed():
            "cores": 2, "torch": "2"}
     text = dfqf_table.markdown(rows, env, None)
     w4a4 = next(line for line in text.splitlines() if line.startswith("| w4a4 |"))
-    assert "87.30 ± 0.42" in w4a4 and "87.60, 87.00 (0, 1)" in w4a4 and "| 1.17 |" in w4a4
+    assert "87.30 ± 0.42" in w4a4 and "87.60, 87.00 (0, 1)" in w4a4 and "| 1.17 |" in w4a4 and "| 0.33 |" in w4a4
     w5a5 = next(line for line in text.splitlines() if line.startswith("| w5a5 |"))
     assert "| 87.75 |" in w5a5 and "±" not in w5a5 and "87.75 (0)" in w5a5
 

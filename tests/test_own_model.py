@@ -172,6 +172,7 @@ def test_own_model_through_dfqf_lower_parity_bench(tmp_path, eval_npz) -> None:
                                "--wbits", "8", "--abits", "8", "--out", str(run)))
     assert report["arch"] == exported_arch(pt2).name and report["teacher"] == str(pt2)
     assert report["fp_top1"] is not None and report["fakequant_top1"] is not None  # evaluated on the npz
+    assert report["eval_images"] == 48
     ckpt = torch.load(run / "student.pt", weights_only=True)
     assert ckpt["input"] == {"size": list(SIZE), "mean": [0.5] * 3, "std": [0.25] * 3}
     pt2.rename(tmp_path / "moved.pt2")  # lowering needs only student.pt

@@ -268,7 +268,8 @@ def write_outputs(job: Job) -> dict[str, Any]:
 
 def accuracy(job: Job) -> dict[str, Any]:
     """Top-1 on the whole evaluation split: teacher, saved student and (with an EMA) the last raw one."""
-    result = {"split": job.cfg.split, "fp_top1": round(job.evaluate(job.teacher, None), 2),
+    result = {"split": job.cfg.split, "eval_images": len(job.eval_split[1]),
+              "fp_top1": round(job.evaluate(job.teacher, None), 2),
               "fakequant_top1": round(job.evaluate(job.final_student, None), 2)}
     if job.ema is not None:  # the last student itself, to show what the average changes
         result["fakequant_top1_without_ema"] = round(job.evaluate(job.student, None), 2)
