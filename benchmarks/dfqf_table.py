@@ -16,17 +16,19 @@ row it is. The PTQ rows come from ptq_table.json (`python -m benchmarks.ptq_tabl
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.cli import (check_fields, cli_main, each, int_list, non_negative, one_of, option, parse_options, positive,
-                      str_list)
+from core.cli import check_fields, cli_main, each, one_of, option, parse_options, positive, seed_list, str_list
 from core.errors import DFQFError
 from core.files import atomic_write, write_json_atomic
 from core.paths import resolve_data_dir
@@ -213,7 +215,7 @@ class DFQFTableOptions:
     rows: list[str] = option(list(ROWS), f"comma-separated subset of {', '.join(ROWS)} (empty: re-render the "
                              "table from dfqf_table.json)", parse=str_list, check=each(one_of(*ROWS)))
     seeds: list[int] = option([0], "seeds to run for every row (each adds to the seeds a row already has)",
-                              parse=int_list, check=each(non_negative))
+                              parse=seed_list)
     jobs: int = option(1, "runs at once (their output goes to dfqf_table.log in each run folder when > 1)",
                        check=positive)
     runs_dir: Path = option(Path("runs/bench"), "where the rows' runs go")
@@ -221,6 +223,18 @@ class DFQFTableOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+@contextmanager
+def saved_rows() -> Iterator[dict[str, dict]]:
+    """dfqf_table.json's rows (per seed), read and then written back under a lock: invocations that run at the
+    same time (other rows or seeds) each add their results to the file instead of one overwriting another's."""
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / ".dfqf_table.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = RESULTS / "dfqf_table.json"
+        rows = json.loads(previous.read_text())["rows"] if previous.exists() else {}
+        yield rows
 
 
 @cli_main
@@ -236,18 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment("benchmarks.dfqf_table")
     data_dir = resolve_data_dir(args.data_dir)
-    saved = json.loads(previous.read_text())["rows"] if previous.exists() else {}
-    rows: dict[str, dict] = {n: as_seeds(r) for n, r in saved.items()}
     runs = []
-    for name in names:
-        twin = same_as(name)
-        if twin is not None:
-            rows[name] = {"same_as": twin, "flags": " ".join(ROWS[name][2]),
-                          "why": f"`{' '.join(ROWS[name][2])}` is already the default"}
-        else:
-            runs += [(name, seed) for seed in args.seeds]
+    with saved_rows() as rows:
+        for name in names:
+            twin = same_as(name)
+            if twin is not None:
+                rows[name] = {"same_as": twin, "flags": " ".join(ROWS[name][2]),
+                              "why": f"`{' '.join(ROWS[name][2])}` is already the default"}
+            else:
+                runs += [(name, seed) for seed in args.seeds]
+        text = write(rows, env) if rows else ""
     where = {k: env.get(k) for k in ("date", "cpu", "cores", "git_commit", "command")}
-    text = write(rows, env) if rows else ""
     failed: list[str] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         started = {pool.submit(run_row, name, seed, data_dir, Path(args.runs_dir), args.jobs > 1): (name, seed)
@@ -260,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"{name} seed {seed}: {e}")
                 continue
             config = report.pop("config")
-            row = rows.get(name)
-            if row is None or "seeds" not in row or row.get("config") != config:
-                row = rows[name] = {"flags": " ".join(ROWS[name][2]), "config": config, "seeds": {}}
-            row["seeds"][str(seed)] = {**report, "measured": where}
-            text = write(rows, env)  # after every run: partial progress is kept
+            with saved_rows() as rows:  # after every run: partial progress is kept
+                row = as_seeds(rows[name]) if name in rows else None
+                if row is None or "seeds" not in row or row.get("config") != config:
+                    row = {"flags": " ".join(ROWS[name][2]), "config": config, "seeds": {}}
+                row["seeds"][str(seed)] = {**report, "measured": where}
+                rows[name] = row
+                text = write(rows, env)
     print(text)
     if failed:
         raise DFQFError(f"{len(failed)} of {len(runs)} runs failed (the others are in the table): {'; '.join(failed)}")

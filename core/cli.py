@@ -134,19 +134,32 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _distinct_ints(text: str, least: int, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what} integers, got {text!r}") from None
+    if not values or min(values) < least or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct {what} integers, got {text!r}")
+    return values
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: '1,128' -> [1, 128] (positive, no duplicates).
 
     >>> int_list("1,128")
     [1, 128]
     """
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) <= 0 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct positive integers, got {text!r}")
-    return values
+    return _distinct_ints(text, 1, "positive")
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type: '0,1,2' -> [0, 1, 2] (non-negative, no duplicates).
+
+    >>> seed_list("0,1,2")
+    [0, 1, 2]
+    """
+    return _distinct_ints(text, 0, "non-negative")
 
 
 def float_list(text: str) -> list[float]:

@@ -82,3 +82,22 @@ def test_new_seeds_join_the_kept_ones_and_a_failed_run_is_said(tmp_path, monkeyp
 def test_run_folders_keep_seed_0_where_it_was():
     assert dfqf_table.run_folder(dfqf_table.Path("r"), "w4a4", 0).name == "w4a4"
     assert dfqf_table.run_folder(dfqf_table.Path("r"), "w4a4", 3).name == "w4a4-seed3"
+
+
+def test_a_table_run_at_the_same_time_keeps_the_other_ones_results(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(dfqf_table, "RESULTS", results)
+    w5a5 = ["--wbits", "5", "--abits", "5"]
+
+    def fake_run(name, seed, data_dir, runs_dir, quiet=False):
+        # meanwhile another invocation finishes a w5a5 run and writes the table
+        with dfqf_table.saved_rows() as rows:
+            rows["w5a5"] = {"flags": " ".join(w5a5), "config": shown(w5a5), "seeds": {"0": report(0, 87.75)}}
+            dfqf_table.write(rows, {"command": "other", "date": "d", "git_commit": "c", "cpu": "x", "cores": 2,
+                                    "torch": "2"})
+        return {**report(seed, 87.4), "config": shown([])}
+
+    monkeypatch.setattr(dfqf_table, "run_row", fake_run)
+    assert dfqf_table.main(["--rows", "w4a4", "--seeds", "0", "--data-dir", str(tmp_path)]) == 0
+    rows = json.loads((results / "dfqf_table.json").read_text())["rows"]
+    assert set(rows) == {"w4a4", "w5a5"} and rows["w5a5"]["seeds"]["0"]["fakequant_top1"] == 87.75
