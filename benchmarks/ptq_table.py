@@ -1,11 +1,12 @@
-"""Accuracy table of the PTQ baselines (FP, minmax, DFQ, ZeroQ, real-calib) at W8A8/W6A6/W4A4.
+"""Accuracy table of the PTQ baselines (FP, minmax, DFQ, ZeroQ, recon, real-calib) at W8A8/W6A6/W4A4.
 
     python -m benchmarks.ptq_table [--data-dir D] [--bits 8,6,4] [--out benchmarks/results]
 
 Same integer-deployable protocol as DFQF: per-channel symmetric weights, per-tensor activations
 (unsigned after ReLU), quantized input and residual sums, first conv and last linear at 8 bits.
 Each row runs the same code as `python -m train.ptq`; ZeroQ's distilled images are made once per
-teacher and reused across bit widths (their time is added to every ZeroQ row).
+teacher and reused across bit widths and by `recon` (block reconstruction on them; their time is added to
+every ZeroQ and recon row).
 Writes ptq_table.md and ptq_table.json (with the machine and command) to --out.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ TEACHERS = [  # (label, weights file in the data dir, evaluation split)
     ("resnet20 original", "teachers/resnet20_cifar10.pt", "lossless932"),
 ]
 ROWS = [("minmax", "minmax"), ("minmax", "mse"), ("dfq", "bn-statistics"), ("zeroq", "minmax"), ("zeroq", "mse"),
-        ("real-calib", "minmax"), ("real-calib", "mse")]
+        ("recon", "mse"), ("real-calib", "minmax"), ("real-calib", "mse")]
+DISTILLED = ("zeroq", "recon")  # the methods that start from ZeroQ's distilled images
 
 
 def log(msg: str) -> None:
@@ -55,14 +57,14 @@ def run(data_dir: Path, bits: list[int], zeroq_iters: int, zeroq_images: int) ->
             for method, observer in ROWS:
                 args = PTQOptions(method, Path("unused"), wbits=b, abits=b, zeroq_iters=zeroq_iters,
                                   **({"observer": observer} if observer != "bn-statistics" else {}),
-                                  **({"calib_size": zeroq_images} if method == "zeroq" else {}))
+                                  **({"calib_size": zeroq_images} if method in DISTILLED else {}))
                 ctx = PTQContext(teacher, info, QuantConfig(b, b, 8), args, data_dir,
-                                 distilled_images=distilled[0] if method == "zeroq" and distilled else None)
+                                 distilled_images=distilled[0] if method in DISTILLED and distilled else None)
                 t0 = time.perf_counter()
                 student, details = METHODS[method][0](ctx)
                 seconds = time.perf_counter() - t0
-                if method == "zeroq":
-                    if distilled is None:  # made once per teacher; its time counts in every ZeroQ row
+                if method in DISTILLED:
+                    if distilled is None:  # made once per teacher; its time counts in every ZeroQ/recon row
                         distilled = (ctx.distilled_images, details["distill_seconds"])
                     else:
                         seconds += distilled[1]
@@ -75,7 +77,7 @@ def run(data_dir: Path, bits: list[int], zeroq_iters: int, zeroq_images: int) ->
                 results.append(row)
                 log(f"  W{b}A{b} {method:10s} {observer:13s} {top1:6.2f} ({seconds:.1f}s)")
     return {"environment": env, "zeroq": {"iterations": zeroq_iters, "images": zeroq_images},
-            "rows": results}
+            "recon_steps": PTQOptions("recon", Path("unused")).recon_steps, "rows": results}
 
 
 def markdown(res: dict) -> str:
@@ -90,7 +92,10 @@ def markdown(res: dict) -> str:
              "`ranges`: the range estimator — `minmax` (observed range), `mse` (clipping minimizing quantization "
              "MSE), `bn-statistics` (DFQ's beta ± 6 gamma). Times: seconds to quantize (not to evaluate) at each "
              "bit width; ZeroQ's images are distilled once per teacher and that time is counted in every ZeroQ "
-             "column. On the 932-image split one image is 0.11 points.", ""]
+             "and recon column. `recon`: block reconstruction on ZeroQ's images after MSE calibration (AdaRound "
+             "rounding, LSQ activation steps, QDrop; `train.ptq --method recon`, "
+             f"{res.get('recon_steps', '?')} steps per block). On the 932-image split one image is 0.11 points.",
+             ""]
     for teacher in dict.fromkeys(r["teacher"] for r in res["rows"]):
         rows = [r for r in res["rows"] if r["teacher"] == teacher]
         bits = sorted({r["wbits"] for r in rows}, reverse=True)
