@@ -9,7 +9,8 @@ and `--seed S`) in its own folder under --runs-dir (`ROW` for seed 0, `ROW-seedS
 interrupted table resumes its runs (`--resume`) and skips finished ones. `--jobs N` runs N of them at once
 (each with the torch threads the environment gives, e.g. OMP_NUM_THREADS=1). After every finished run,
 dfqf_table.json and dfqf_table.md are rewritten with all runs measured so far: rows and seeds of earlier
-invocations kept in dfqf_table.json stay, a rerun seed replaces its old result. A row of several seeds shows
+invocations kept in dfqf_table.json stay, a rerun seed replaces its old result, and a run whose config differs
+from the seeds a row has (the defaults changed) replaces them instead of joining them. A row of several seeds shows
 their mean ± sample standard deviation and every seed's value. A row whose resolved config equals another
 row's (e.g. `w4a4-no-adversarial` while the default adversarial weight is 0) is not run: the table says which
 row it is. The PTQ rows come from ptq_table.json (`python -m benchmarks.ptq_table`).
