@@ -150,11 +150,11 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
              f"with the row's flags; wall time is the whole run on this CPU with "
              f"{', '.join(threads)} torch thread(s) (column `threads`); it grows when other jobs share the cores. "
              "Float kernels differ between CPUs, so a seed reproduces bit for bit on one machine type only.", ""]
-    sources = {(m["command"], m["git_commit"], m["cpu"], m["date"][:10]) for row in rows.values()
+    sources = {(m["date"], m["command"], m["git_commit"], m["cpu"]) for row in rows.values()
                for r in row.get("seeds", {}).values() if (m := r.get("measured"))}
-    if sources:  # seeds kept from earlier invocations were measured by those
-        lines += ["Seeds were measured by: " + "; ".join(f"`{c}` (commit {g}, {cpu}, {d})"
-                                                     for c, g, cpu, d in sorted(sources, key=lambda t: t[3]))
+    if sources:  # seeds kept from earlier invocations were measured by those, oldest first
+        lines += ["Seeds were measured by: " + "; ".join(f"`{c}` (commit {g}, {cpu}, {d[:10]})"
+                                                     for d, c, g, cpu in sorted(sources))
                   + (" and, for seeds without a record in `dfqf_table.json`, earlier invocations (git history)."
                      if any("measured" not in r for row in rows.values() for r in row.get("seeds", {}).values())
                      else "."), ""]
