@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if not names:  # re-render only: keep the environment of the invocation that ran the rows
         if not previous.exists():
             raise DFQFError(f"--rows is empty and there is no {previous} to render")
-        saved = json.loads(previous.read_text())
-        print(write(saved["rows"], saved["environment"]))
+        env = json.loads(previous.read_text())["environment"]
+        with saved_rows() as rows:  # under the lock: a run finishing meanwhile is not dropped
+            print(write(rows, env))
         return 0
     env = environment("benchmarks.dfqf_table")
     data_dir = resolve_data_dir(args.data_dir)

@@ -101,3 +101,17 @@ def test_a_table_run_at_the_same_time_keeps_the_other_ones_results(tmp_path, mon
     assert dfqf_table.main(["--rows", "w4a4", "--seeds", "0", "--data-dir", str(tmp_path)]) == 0
     rows = json.loads((results / "dfqf_table.json").read_text())["rows"]
     assert set(rows) == {"w4a4", "w5a5"} and rows["w5a5"]["seeds"]["0"]["fakequant_top1"] == 87.75
+
+
+def test_re_render_keeps_the_environment_and_every_seed(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {"command": "python -m benchmarks.dfqf_table --rows w4a4", "date": "2026-12-04", "git_commit": "abc",
+           "cpu": "cpu", "cores": 2, "torch": "2"}
+    rows = {"w4a4": {"flags": "", "config": shown([]), "seeds": {"0": report(0, 87.6), "1": report(1, 87.0)}}}
+    (results / "dfqf_table.json").write_text(json.dumps({"environment": env, "rows": rows}))
+    monkeypatch.setattr(dfqf_table, "RESULTS", results)
+    assert dfqf_table.main(["--rows", ""]) == 0
+    saved = json.loads((results / "dfqf_table.json").read_text())
+    assert saved["environment"] == env and sorted(saved["rows"]["w4a4"]["seeds"]) == ["0", "1"]
+    assert "87.30 ± 0.42" in (results / "dfqf_table.md").read_text()
