@@ -24,7 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,12 @@ def run_row(name: str, seed: int, data_dir: Path, runs_dir: Path, quiet: bool = 
         if (out / "config.json").exists():
             cmd.append("--resume")
         print(f"[dfqf_table] {name} seed {seed}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        if not quiet:
-            subprocess.run(cmd, check=True)
-        else:
+        log = out / "dfqf_table.log"
+        if quiet:
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "dfqf_table.log", "ab") as log:
-                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
-                    raise DFQFError(f"{name} seed {seed} failed: see {out / 'dfqf_table.log'}")
+        with open(log, "ab") if quiet else nullcontext() as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT if quiet else None).returncode:
+                raise DFQFError(f"{name} seed {seed}: train.dfqf failed" + (f", see {log}" if quiet else ""))
     report = json.loads((out / "report.json").read_text())
     config = json.loads((out / "config.json").read_text())
     return {**report, "config": {k: config.get(k) for k in SHOWN}}
@@ -131,7 +130,7 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
     top1 = [r["fakequant_top1"] for r in runs]
     images = runs[0].get("eval_images") or SPLIT_IMAGES.get(runs[0].get("split"))
     p = statistics.fmean(top1) / 100
-    return {"n": len(runs), "seeds": [int(r.get("seed", 0)) for r in runs], "top1": top1,
+    return {"seeds": [int(r.get("seed", 0)) for r in runs], "top1": top1,
             "mean": statistics.fmean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else None,
             # one run's binomial standard error on a split of `images` images, in points
             "binomial": 100 * (p * (1 - p) / images) ** 0.5 if images else None,
@@ -141,7 +140,8 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
     measured = {n: summary(r) for n, r in rows.items() if "same_as" not in r}
-    threads = sorted({str(r.get("threads") or "?") for row in rows.values() for r in row.get("seeds", {}).values()})
+    reports = [r for row in rows.values() for r in row.get("seeds", {}).values()]
+    threads = sorted({str(r.get("threads") or "?") for r in reports})
     lines = ["# DFQF accuracy (top-1 %, integer-deployable protocol, first/last layer 8-bit)", "",
              "Rows with `--protocol paper` are the DFQF paper's protocol instead (BN unfolded and trained, per-tensor "
              "weights, residual sums in float): fake-quant only, not deployable (`lower.compile` refuses them).", "",
@@ -150,14 +150,12 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
              f"with the row's flags; wall time is the whole run on this CPU with "
              f"{', '.join(threads)} torch thread(s) (column `threads`); it grows when other jobs share the cores. "
              "Float kernels differ between CPUs, so a seed reproduces bit for bit on one machine type only.", ""]
-    sources = {(m["date"], m["command"], m["git_commit"], m["cpu"]) for row in rows.values()
-               for r in row.get("seeds", {}).values() if (m := r.get("measured"))}
+    sources = {(m["date"], m["command"], m["git_commit"], m["cpu"]) for r in reports if (m := r.get("measured"))}
     if sources:  # seeds kept from earlier invocations were measured by those, oldest first
         lines += ["Seeds were measured by: " + "; ".join(f"`{c}` (commit {g}, {cpu}, {d[:10]})"
                                                      for d, c, g, cpu in sorted(sources))
                   + (" and, for seeds without a record in `dfqf_table.json`, earlier invocations (git history)."
-                     if any("measured" not in r for row in rows.values() for r in row.get("seeds", {}).values())
-                     else "."), ""]
+                     if any("measured" not in r for r in reports) else "."), ""]
     def shown(c: DFQFConfig) -> dict[str, Any]:
         return {k: getattr(c, k) for k in SHOWN}
 
@@ -191,10 +189,9 @@ def markdown(rows: dict[str, dict], env: dict, ptq: dict | None) -> str:
         raw = "—" if m["raw"] is None else f"{m['raw']:.2f}"
         binomial = "—" if m["binomial"] is None else f"{m['binomial']:.2f}"
         lines.append(f"| {name} | {r.get('flags') or '(defaults)'} | {teacher} / {f.get('split')} | {fp:.2f} | "
-                     f"{top1} | {fp - m['mean']:.2f} | {per_seed} | {binomial} | "
-                     f"{raw} | "
-                     f"{f['generator_steps']} | {f['student_steps']} | {'off' if not ema else f'{ema:.4f}'} | "
-                     f"{f.get('threads', '?')} | {m['wall'] / 60:.1f} | {f['images_generated']} |")
+                     f"{top1} | {fp - m['mean']:.2f} | {per_seed} | {binomial} | {raw} | {f['generator_steps']} | "
+                     f"{f['student_steps']} | {'off' if not ema else f'{ema:.4f}'} | {f.get('threads', '?')} | "
+                     f"{m['wall'] / 60:.1f} | {f['images_generated']} |")
     missing = [n for n in ROWS if n not in rows]
     if missing:
         lines += ["", f"Not measured yet: {', '.join(missing)} (`--rows` runs them; finished rows are kept)."]
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             name, seed = started[done]
             try:
                 report = done.result()
-            except (DFQFError, subprocess.CalledProcessError) as e:  # the other runs go on; said at the end
+            except DFQFError as e:  # the other runs go on; said at the end
                 failed.append(f"{name} seed {seed}: {e}")
                 continue
             config = report.pop("config")

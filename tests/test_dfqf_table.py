@@ -115,3 +115,15 @@ def test_re_render_keeps_the_environment_and_every_seed(tmp_path, monkeypatch):
     saved = json.loads((results / "dfqf_table.json").read_text())
     assert saved["environment"] == env and sorted(saved["rows"]["w4a4"]["seeds"]) == ["0", "1"]
     assert "87.30 ± 0.42" in (results / "dfqf_table.md").read_text()
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_failing_train_dfqf_run_is_one_error(tmp_path, quiet):
+    """A real train.dfqf that fails (no teacher in the data folder) becomes one DFQFError, its output in the run
+    folder's log when quiet; no report is read."""
+    with pytest.raises(dfqf_table.DFQFError, match="w4a4 seed 1: train.dfqf failed") as e:
+        dfqf_table.run_row("w4a4", 1, tmp_path / "no-data", tmp_path / "runs", quiet=quiet)
+    log = tmp_path / "runs" / "w4a4-seed1" / "dfqf_table.log"
+    assert (", see " in str(e.value)) == quiet and log.exists() == quiet
+    if quiet:
+        assert "error" in log.read_text()
